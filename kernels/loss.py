@@ -1,0 +1,58 @@
+"""Token losses of a causal LM without materialising logits when the fused path is on.
+
+`causal_lm_loss_sum(model, input_ids, labels, position_ids)` returns (sum of token losses,
+number of target tokens). Labels are already aligned with the *next* token convention used by
+the data pipeline: labels[b, t] is the target for the prediction made at position t-1, i.e. the
+same as `input_ids` with -100 where no loss is taken (HF convention: the shift happens here).
+Summed, not averaged, so that gradient accumulation can normalise by the total number of target
+tokens across micro-batches and workers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _decoder_and_head(model):
+    """(decoder returning hidden states, lm_head module, final logit softcap or None)."""
+    from kernels.model import base_model
+
+    m = base_model(model)
+    softcap = getattr(m.config, "final_logit_softcapping", None)
+    return m.model, m.lm_head, softcap
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels -> [B, T] targets for each position's prediction (last position ignored)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   softcap: float | None = None, reduction: str = "sum") -> torch.Tensor:
+    """Pure PyTorch: full logits in fp32, then cross-entropy. hidden [N, H], weight [V, H], targets [N]."""
+    logits = (hidden @ weight.t()).float()  # [N, H] x [H, V] -> [N, V]
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def causal_lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                       position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    decoder, head, softcap = _decoder_and_head(model)
+    out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state  # [B, T, H]
+    targets = shift_labels(labels)  # [B, T]
+    n_tokens = int((targets != IGNORE_INDEX).sum())
+    h = hidden.reshape(-1, hidden.shape[-1])  # [B, T, H] -> [B*T, H]
+    t = targets.reshape(-1)
+    try:
+        from kernels.patch import linear_cross_entropy
+    except ImportError:  # kernels not built yet: reference path
+        linear_cross_entropy = None
+    if linear_cross_entropy is not None:
+        loss = linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum")
+    else:
+        loss = reference_linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum")
+    return loss, n_tokens

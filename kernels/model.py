@@ -1,0 +1,228 @@
+"""Model assembly: presets with public shapes, loading, LoRA through PEFT, saving.
+
+No Ray here. A model comes either from a local Hugging Face folder (`path`) or from a
+named preset built with random weights (`preset`): the public shapes are for benchmarks,
+`tiny` is for CPU tests and the demo.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+
+# Public architecture shapes (from the models' published config.json files). Random weights.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        model_type="llama", hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048,
+        rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+    ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+        rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    ),
+    "qwen3-0.6b": dict(
+        model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    ),
+    "mistral-7b": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32768,
+        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        sliding_window=None,
+    ),
+    "gemma-2-2b": dict(
+        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+        max_position_embeddings=8192, rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=256, sliding_window=4096,
+    ),
+}
+
+LORA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter settings (PEFT). `target_modules` is a list of module names or "all-linear"."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"model.lora.r: must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"model.lora.alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout: must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise ValueError(
+                f"model.lora.target_modules: expected 'all-linear' or a list of module names, "
+                f"got {self.target_modules!r}")
+
+    def modules(self) -> list[str]:
+        if self.target_modules == "all-linear":
+            return list(LORA_ALL_LINEAR)
+        return list(self.target_modules)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train and how.
+
+    preset: a name in PRESETS (random weights) - used when `path` is empty.
+    path: a local Hugging Face model folder (config.json + safetensors); wins over preset.
+    tokenizer: a local tokenizer folder; default: `path`, or the run's trained tokenizer.
+    finetune: lora | qlora (NF4 base, GPU only) | full.
+    dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.
+    train_embeddings: also train embed_tokens and lm_head (CPT); their lr is trainer.embedding_lr.
+    config_overrides: keys set on the Hugging Face config (e.g. num_hidden_layers for a smaller preset).
+    """
+
+    preset: str = "tiny"
+    path: str = ""
+    tokenizer: str = ""
+    finetune: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    train_embeddings: bool = False
+    config_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.path and self.preset not in PRESETS:
+            raise ValueError(
+                f"model.preset: unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)} "
+                f"(or set model.path to a local model folder)")
+        if self.path and not os.path.isdir(self.path):
+            raise ValueError(f"model.path: {self.path!r} is not a folder (expected a local Hugging Face model)")
+
+
+def torch_dtype(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def hf_config(preset: str, **overrides):
+    """The transformers config of a preset, with overrides (e.g. vocab_size=...)."""
+    from transformers import AutoConfig
+
+    kw = dict(PRESETS[preset])
+    kw.update(overrides)
+    model_type = kw.pop("model_type")
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, device="cpu", seed: int = 0):
+    """The base causal LM (no adapters): from `cfg.path`, or the preset with random weights."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(cfg, device)
+    if cfg.path:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    else:
+        overrides = dict(cfg.config_overrides)
+        if vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        config = hf_config(cfg.preset, **overrides)
+        config._attn_implementation = cfg.attn_implementation
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=cfg.attn_implementation)
+    model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, cfg: ModelConfig):
+    """Wrap with PEFT LoRA (lora/qlora) or mark every parameter trainable (full)."""
+    if cfg.finetune == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    modules_to_save = ["embed_tokens", "lm_head"] if cfg.train_embeddings else None
+    peft_cfg = PeftLoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.modules(), bias="none", task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save)
+    return get_peft_model(model, peft_cfg)
+
+
+def base_model(model):
+    """The transformers model under any PEFT wrapper."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model()
+    return model
+
+
+def count_parameters(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def save_adapter(model, out_dir: str) -> str:
+    """PEFT adapter (adapter_model.safetensors + adapter_config.json)."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def save_merged(model, out_dir: str, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> str:
+    """A merged 16-bit model folder that transformers (and vLLM) load directly."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        # merge_and_unload mutates; merge a copy so training state stays intact
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+    else:
+        merged = model
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().to(dtype) for k, v in merged.state_dict().items()}
+    merged.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    with open(os.path.join(out_dir, "config.json")) as f:
+        conf = json.load(f)
+    conf["dtype"] = str(dtype).replace("torch.", "")
+    conf["use_cache"] = True
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def with_overrides(cfg: ModelConfig, **kw) -> ModelConfig:
+    return replace(cfg, **kw)

@@ -1,0 +1,52 @@
+"""Shared fixtures. One local Ray instance per test session (starting Ray costs seconds)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are skipped where there is no CUDA device."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance shared by the whole session (2 CPUs, like CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=int(os.environ.get("TEST_RAY_CPUS", "4")), include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    yield ray
+    # left running for other tests; ray shuts down at interpreter exit
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A tokenizer trained locally on the built-in task (ChatML template)."""
+    from cluster.builtin_task import generate, tokenizer_corpus
+    from kernels.tokenizer import train_tokenizer
+
+    out = str(tmp_path_factory.mktemp("tokenizer"))
+    train, _ = generate(400, 20, seed=123)
+    train_tokenizer(tokenizer_corpus(train), vocab_size=512, out_dir=out)
+    return out
