@@ -1,0 +1,65 @@
+"""The files every run writes into its output_dir: config.yaml, metrics.jsonl, summary.json.
+
+metrics.jsonl holds one JSON object per optimizer step. On resume from step S the lines after S
+are dropped first, so a resumed run has no repeated or lost steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return v
+
+
+class RunFiles:
+    def __init__(self, output_dir: str):
+        self.output_dir = os.path.abspath(output_dir)
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
+        self.summary_path = os.path.join(self.output_dir, "summary.json")
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.output_dir, *parts)
+
+    def log_metrics(self, record: dict) -> None:
+        record = {k: _clean(v) for k, v in record.items()}
+        record.setdefault("time", time.time())
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """Keep only records with step <= `step` (resume point)."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.metrics_path)
+
+    def write_summary(self, summary: dict) -> None:
+        existing = self.read_summary()
+        existing.update({k: _clean(v) for k, v in summary.items()})
+        tmp = self.summary_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(existing, f, indent=2, default=str)
+        os.replace(tmp, self.summary_path)
+
+    def read_summary(self) -> dict:
+        if not os.path.exists(self.summary_path):
+            return {}
+        with open(self.summary_path) as f:
+            return json.load(f)

@@ -1,0 +1,368 @@
+"""Ray Train harness: DDP workers (gloo on CPU, NCCL on GPU) training `kernels.model` models.
+
+`fit(spec, train_ds, eval_ds)` runs a Ray Train V2 `TorchTrainer`. Each worker builds the model
+from the config (same seed on every rank, so the frozen base is identical), wraps the loss in
+DDP, and trains from its shard of the Ray Data datasets. Checkpoints go through
+`ray.train.report` into `<output_dir>/checkpoints/train/`; a run started again with the same
+output_dir resumes from the latest one (Ray restores its checkpoint manager from storage),
+skipping the micro-batches the interrupted epoch had consumed, so the losses continue exactly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from kernels.model import ModelConfig
+
+log = logging.getLogger("posttrain.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and Ray Train settings (the `trainer:` section).
+
+    num_workers: Ray Train workers (one per GPU when use_gpu).
+    use_gpu: place workers on GPUs (bf16 autocast, NCCL); false = CPU, gloo.
+    strategy: ddp | deepspeed.
+    micro_batch_size: rows per forward pass per worker.
+    grad_accum: micro-batches per optimizer step (per worker).
+    lr / embedding_lr: learning rate; embeddings and lm_head use embedding_lr when > 0 (CPT).
+    lr_schedule: cosine | linear | constant, after warmup_steps of linear warmup; min_lr_ratio floor.
+    max_grad_norm: gradient clipping (0 = off).
+    num_epochs: passes over the data when the job's max_steps is 0.
+    eval_every: steps between eval-loss passes (0 = only at the end, if there is an eval split).
+    early_stopping_patience: stop after this many evals without improvement by early_stopping_min_delta (0 = off).
+    checkpoint_every: steps between checkpoints (0 = only at the end); keep_checkpoints kept.
+    resume: auto (continue from the latest checkpoint in output_dir) | never; resume_from: a checkpoint folder.
+    optimizer: adamw | adamw_8bit (bitsandbytes, GPU).
+    max_failures: worker-group restarts from the last checkpoint before the run fails.
+    storage_path: where checkpoints persist (shared filesystem or URI for multi-node); default output_dir/checkpoints.
+    cpus_per_worker: CPU reservation of each worker.
+    log_every: steps between progress lines.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 2
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    embedding_lr: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    num_epochs: int = 1
+    eval_every: int = 0
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: Literal["auto", "never"] = "auto"
+    resume_from: str = ""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    max_failures: int = 0
+    storage_path: str = ""
+    cpus_per_worker: int = 1
+    log_every: int = 1
+
+    def __post_init__(self):
+        positive = ["num_workers", "micro_batch_size", "grad_accum", "num_epochs", "keep_checkpoints",
+                    "cpus_per_worker", "log_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"trainer.lr: must be > 0, got {self.lr}")
+        for name in ["warmup_steps", "eval_every", "early_stopping_patience", "checkpoint_every",
+                     "max_failures", "embedding_lr", "weight_decay", "max_grad_norm"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"trainer.zero_stage: expected 2 or 3, got {self.zero_stage}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"trainer.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.resume_from and not os.path.isdir(self.resume_from):
+            raise ValueError(f"trainer.resume_from: {self.resume_from!r} is not a folder")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a worker needs (picklable)."""
+
+    output_dir: str
+    model: ModelConfig
+    train: TrainConfig
+    tokenizer_dir: str
+    total_steps: int
+    steps_per_epoch: int
+    seed: int = 0
+    vocab_size: int | None = None
+    pad_id: int = 0
+    kernels: object = None  # kernels.patch.KernelsConfig, when that module is present
+    extra: dict = field(default_factory=dict)
+
+
+def storage_root(spec: TrainSpec) -> str:
+    return spec.train.storage_path or os.path.join(os.path.abspath(spec.output_dir), "checkpoints")
+
+
+def fit(spec: TrainSpec, train_ds, eval_ds=None):
+    """Run training on Ray Train; return the final `ray.train.Result`."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    datasets = {"train": train_ds}
+    if eval_ds is not None:
+        datasets["eval"] = eval_ds
+    exec_opts = ray.data.ExecutionOptions(preserve_order=True)
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu,
+                                     resources_per_worker={"CPU": spec.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name="train", storage_path=storage_root(spec),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=exec_opts),
+    )
+    return trainer.fit()
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def _build_for_training(spec: TrainSpec, device):
+    """Model with adapters, kernels patched, checkpointing set; returns (model, notes)."""
+    import torch
+
+    from kernels.model import add_lora, build_model
+
+    notes = {}
+    if spec.model.finetune == "qlora":
+        from kernels.qlora import build_qlora_model  # raises a clear error on CPU
+
+        model = build_qlora_model(spec.model, vocab_size=spec.vocab_size, device=device)
+    else:
+        model = build_model(spec.model, vocab_size=spec.vocab_size, device=device, seed=spec.seed)
+        if spec.model.finetune == "lora" and device.type == "cuda" and spec.model.dtype == "auto":
+            model.to(torch.bfloat16)
+    model = add_lora(model, spec.model)
+    if spec.kernels is not None and getattr(spec.kernels, "enabled", False):
+        from kernels.patch import patch_model
+
+        patch_model(model, spec.kernels)
+        notes["kernels"] = "patched"
+        try:
+            from kernels.fused_lora import apply_fused_lora
+        except ImportError:
+            apply_fused_lora = None
+        if apply_fused_lora is not None and spec.model.finetune != "full":
+            notes["fused_lora_blocks"] = apply_fused_lora(model)
+    if spec.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        notes["gradient_checkpointing"] = True
+    model.train()
+    return model, notes
+
+
+def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads best in one piece
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from cluster.checkpoint import load_training_state, save_training_state
+    from cluster.run_files import RunFiles
+    from cluster.train_step import (LossForward, accumulate_step, collate, grad_norm_and_clip,
+                                    lr_lambda, make_optimizer)
+
+    spec: TrainSpec = config["spec"]
+    tc = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    if not tc.use_gpu:
+        torch.set_num_threads(max(1, tc.cpus_per_worker))
+
+    def all_reduce_sum(x: float) -> float:
+        if world == 1 or not dist.is_initialized():
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item())
+
+    model, notes = _build_for_training(spec, device)
+    loss_module = LossForward(model)
+    if world > 1:
+        loss_module = ray.train.torch.prepare_model(loss_module, move_to_device=False,
+                                                    parallel_strategy_kwargs={"find_unused_parameters": False})
+    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.embedding_lr, tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tc.lr_schedule, tc.warmup_steps, spec.total_steps, tc.min_lr_ratio))
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_eval": None, "evals_without_gain": 0}
+    ckpt = ray.train.get_checkpoint()
+    resume_dir = None
+    if ckpt is not None:
+        resume_dir = ckpt.to_directory()
+    elif tc.resume_from:
+        resume_dir = tc.resume_from
+    files = RunFiles(spec.output_dir) if rank == 0 else None
+    if resume_dir:
+        state.update(load_training_state(resume_dir, model, optimizer, scheduler))
+        if rank == 0:
+            print(f"[train] resumed from step {state['step']} ({resume_dir})", flush=True)
+    if files is not None:
+        files.truncate_metrics_after(state["step"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if "eval" in spec.extra.get("datasets", ()) else None
+
+    def evaluate() -> float:
+        model.eval()
+        loss_sum, n = 0.0, 0.0
+        with torch.no_grad():
+            for rows in eval_shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="numpy"):
+                b = {k: v.to(device) for k, v in collate(rows, spec.pad_id).items()}
+                amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else _null()
+                with amp:
+                    loss, k = (loss_module.module if hasattr(loss_module, "module") else loss_module)(
+                        b["input_ids"], b["labels"], b["position_ids"])
+                loss_sum += float(loss)
+                n += k
+        model.train()
+        total_n = all_reduce_sum(n)
+        return all_reduce_sum(loss_sum) / max(total_n, 1.0)
+
+    def report(metrics: dict, with_checkpoint: bool):
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_training_state(tmp, model, optimizer, scheduler, dict(state))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+    if rank == 0:
+        print(f"[train] {world} worker(s) on {device.type}; {spec.total_steps} steps "
+              f"({spec.steps_per_epoch}/epoch); notes={notes}", flush=True)
+    t_start = time.time()
+    stop = False
+    last_metrics: dict = {}
+    while state["step"] < spec.total_steps and not stop:
+        it = iter(train_shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="numpy",
+                                           drop_last=False))
+        for _ in range(state["batches_in_epoch"]):  # resume mid-epoch: skip consumed micro-batches
+            next(it, None)
+        while state["step"] < spec.total_steps:
+            t0 = time.time()
+            micro = []
+            for _ in range(tc.grad_accum):
+                rows = next(it, None)
+                if rows is None:
+                    break
+                micro.append(collate(rows, spec.pad_id))
+            full = all_reduce_sum(1.0 if len(micro) == tc.grad_accum else 0.0) == world
+            if not full:  # the epoch's tail that cannot fill a step on every worker is dropped
+                break
+            stats = accumulate_step(loss_module, micro, device=device, world_size=world,
+                                    all_reduce_sum=all_reduce_sum, autocast_dtype=autocast)
+            gnorm = grad_norm_and_clip([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batches_in_epoch"] += tc.grad_accum
+            dt = time.time() - t0
+            step = state["step"]
+            metrics = {"step": step, "epoch": state["epoch"], "loss": stats["loss"], "lr": lr,
+                       "grad_norm": gnorm, "target_tokens": stats["target_tokens"],
+                       "tokens_per_s": stats["input_tokens"] / dt, "step_time_s": dt,
+                       "elapsed_s": time.time() - t_start}
+            if device.type == "cuda":
+                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            do_eval = eval_shard is not None and (
+                (tc.eval_every and step % tc.eval_every == 0) or step == spec.total_steps)
+            if do_eval:
+                ev = evaluate()
+                metrics["eval_loss"] = ev
+                best = state["best_eval"]
+                if best is None or ev < best - tc.early_stopping_min_delta:
+                    state["best_eval"], state["evals_without_gain"] = ev, 0
+                else:
+                    state["evals_without_gain"] += 1
+                if tc.early_stopping_patience and state["evals_without_gain"] >= tc.early_stopping_patience:
+                    stop = True
+                    metrics["early_stopped"] = True
+            last_metrics = metrics
+            if files is not None:
+                files.log_metrics(metrics)
+                if step % tc.log_every == 0 or step == spec.total_steps or stop:
+                    extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+                    print(f"[train] step {step}/{spec.total_steps} loss {stats['loss']:.4f}{extra} "
+                          f"lr {lr:.2e} grad_norm {gnorm:.3f} tok/s {metrics['tokens_per_s']:.0f}", flush=True)
+            is_last = step == spec.total_steps or stop
+            want_ckpt = is_last or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+            if want_ckpt:
+                report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, True)
+            if stop:
+                break
+        if state["step"] < spec.total_steps and not stop:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+        if spec.steps_per_epoch == 0:
+            break
+
+    if rank == 0:
+        _save_artifacts(spec, model, notes, last_metrics, time.time() - t_start, state)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _save_artifacts(spec: TrainSpec, model, notes: dict, last: dict, seconds: float, state: dict):
+    """Adapter + merged 16-bit (32-bit on CPU, where training ran in fp32) model and tokenizer."""
+    import torch
+
+    from cluster.run_files import RunFiles
+    from kernels.model import count_parameters, save_adapter, save_merged
+    from kernels.tokenizer import load_tokenizer
+
+    files = RunFiles(spec.output_dir)
+    if spec.kernels is not None and getattr(spec.kernels, "enabled", False):
+        try:
+            from kernels.fused_lora import remove_fused_lora
+
+            remove_fused_lora(model)
+        except ImportError:
+            pass
+        from kernels.patch import unpatch_model
+
+        unpatch_model(model)
+    tok = load_tokenizer(spec.tokenizer_dir)
+    out = {}
+    if spec.model.finetune in ("lora", "qlora"):
+        out["adapter_dir"] = save_adapter(model, files.path("adapter"))
+    dtype = torch.bfloat16 if next(model.parameters()).is_cuda else torch.float32
+    out["merged_dir"] = save_merged(model, files.path("merged"), tokenizer=tok, dtype=dtype)
+    files.write_summary({"train": {**{k: v for k, v in asdict(spec.train).items()},
+                                   "final_step": state["step"], "final_loss": last.get("loss"),
+                                   "final_eval_loss": last.get("eval_loss"), "seconds": seconds,
+                                   "parameters": count_parameters(model), "notes": notes}, **out})

@@ -1,0 +1,257 @@
+"""Supervised fine-tuning (and, through jobs.cpt, continued pre-training) on Ray Train.
+
+What it does, top to bottom:
+  1. resolve the config (YAML + dotted overrides) and write OUTPUT_DIR/config.yaml;
+  2. connect to Ray (RAY_ADDRESS, e.g. under `ray job submit`) or start a local instance;
+  3. pick the tokenizer: model.tokenizer, else the model folder's, else train a small BPE locally on
+     the training data (OUTPUT_DIR/tokenizer);
+  4. build the Ray Data pipeline (read, detect format, chat template, tokenize in an actor pool,
+     loss mask, pack) and count the steps;
+  5. optionally measure held-out exact-match accuracy of the untrained model (eval_accuracy);
+  6. train on Ray Train (DDP, or DeepSpeed), with checkpoints, eval loss and early stopping;
+  7. save the adapter and the merged model, measure accuracy again, write summary.json.
+
+Launch:
+  posttrain sft jobs/configs/tiny-sft.yaml output_dir=runs/sft max_steps=40
+  python -m jobs.sft jobs/configs/tiny-sft.yaml trainer.num_workers=2
+  ray job submit --working-dir . -- python -m jobs.sft jobs/configs/llama-lora.yaml
+Running it again with the same output_dir resumes from the last checkpoint (trainer.resume=auto).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+from cluster.data import DataConfig, build_datasets
+from cluster.run_files import RunFiles
+from cluster.train import TrainConfig, TrainSpec, fit
+from jobs.config import ConfigError, dump_yaml, load
+from kernels.model import PRESETS, ModelConfig
+from kernels.patch import KernelsConfig
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    """Held-out exact-match accuracy before and after training (`#### N` answers).
+
+    enabled: measure it; max_problems: held-out problems used; max_new_tokens: generation budget.
+    """
+
+    enabled: bool = False
+    max_problems: int = 200
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        if self.max_problems < 1:
+            raise ValueError(f"eval_accuracy.max_problems: must be >= 1, got {self.max_problems}")
+
+
+@dataclass(frozen=True)
+class SFTJobConfig:
+    """The whole SFT/CPT job. output_dir: where everything is written; max_steps: optimizer steps
+    (0 = trainer.num_epochs passes over the data); seed: model init, shuffling and sampling;
+    tokenizer_vocab_size: size of the locally trained tokenizer when the model brings none."""
+
+    output_dir: str = "runs/sft"
+    max_steps: int = 0
+    seed: int = 0
+    tokenizer_vocab_size: int = 1024
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    eval_accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("output_dir: must be set")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
+        if self.model.finetune == "qlora" and not self.trainer.use_gpu:
+            raise ValueError("model.finetune: qlora needs trainer.use_gpu=true (NF4 weights live on a CUDA GPU)")
+
+
+def init_ray(min_cpus: int = 1):
+    """Connect to RAY_ADDRESS (a cluster, or `ray job submit`), else start a local instance.
+
+    A local instance gets at least `min_cpus` logical CPUs (training workers plus room for Ray
+    Data tasks): on a 2-core machine two CPU workers would otherwise leave the data pipeline
+    no CPU to run on, and training would wait forever.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    env = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, configure_logging=False)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
+                 configure_logging=False, runtime_env={"env_vars": env})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def prepare_tokenizer(cfg: SFTJobConfig, files: RunFiles) -> str:
+    """A tokenizer folder: the configured one, the model's, or one trained on the data here."""
+    from kernels.tokenizer import load_tokenizer, train_tokenizer
+
+    out = files.path("tokenizer")
+    source = cfg.model.tokenizer or (cfg.model.path if cfg.model.path and
+                                     os.path.exists(os.path.join(cfg.model.path, "tokenizer_config.json")) else "")
+    if source:
+        load_tokenizer(source).save_pretrained(out)
+        return out
+    if os.path.exists(os.path.join(out, "tokenizer_config.json")):
+        return out  # resume: reuse the tokenizer the run was trained with
+    from cluster.data_samples import tokenizer_training_texts
+
+    texts = tokenizer_training_texts(cfg.data, seed=cfg.seed)
+    t0 = time.time()
+    train_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size, out_dir=out)
+    print(f"[sft] trained a {cfg.tokenizer_vocab_size}-entry BPE tokenizer on {len(texts)} texts "
+          f"in {time.time() - t0:.1f}s -> {out}", flush=True)
+    return out
+
+
+def model_vocab_size(cfg: SFTJobConfig, tok_len: int) -> int | None:
+    """Presets keep their public vocab size unless the tokenizer needs more rows."""
+    if cfg.model.path:
+        return None
+    preset_vocab = PRESETS[cfg.model.preset]["vocab_size"]
+    return max(preset_vocab, tok_len)
+
+
+def measure_accuracy(cfg: SFTJobConfig, model_dir_or_model, tokenizer, rows) -> dict | None:
+    if not cfg.eval_accuracy.enabled or not rows:
+        return None
+    from cluster.evaluate import EvalConfig, evaluate
+
+    ecfg = EvalConfig(max_problems=cfg.eval_accuracy.max_problems,
+                      max_new_tokens=cfg.eval_accuracy.max_new_tokens,
+                      system_prompt=cfg.data.system_prompt)
+    return evaluate(model_dir_or_model, tokenizer, rows, ecfg)
+
+
+def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
+    import torch
+
+    from cluster.data_samples import held_out_rows
+    from kernels.model import add_lora, build_model
+    from kernels.tokenizer import load_tokenizer
+
+    t0 = time.time()
+    files = RunFiles(cfg.output_dir)
+    dump_yaml(cfg, files.path("config.yaml"))
+    init_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)
+    tok_dir = prepare_tokenizer(cfg, files)
+    tok = load_tokenizer(tok_dir)
+    bundle = build_datasets(cfg.data, tok_dir, seed=cfg.seed, task=task)
+    stats = bundle.stats
+    print(f"[sft] data: {stats.get('rows_ok')} rows ok, {stats.get('rows_bad')} bad, "
+          f"{stats.get('tokens')} tokens, {stats.get('tokens_per_s', 0):.0f} tok/s in the pipeline", flush=True)
+    tc = cfg.trainer
+    train_ds = bundle.train.materialize()  # packed once here; workers then only read their split
+    eval_ds = bundle.eval.materialize() if bundle.eval is not None else None
+    n_rows = train_ds.count()
+    per_step = tc.micro_batch_size * tc.grad_accum * tc.num_workers
+    steps_per_epoch = n_rows // per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data: {n_rows} training rows cannot fill one step of {per_step} rows "
+                          f"(trainer.micro_batch_size x grad_accum x num_workers); use less batch or more data")
+    total_steps = cfg.max_steps or steps_per_epoch * tc.num_epochs
+    vocab = model_vocab_size(cfg, len(tok))
+
+    rows = held_out_rows(cfg.data, seed=cfg.seed) if cfg.eval_accuracy.enabled else []
+    acc_before = None
+    if rows:
+        base = add_lora(build_model(cfg.model, vocab_size=vocab, seed=cfg.seed), cfg.model)
+        acc_before = measure_accuracy(cfg, base, tok, rows)
+        del base
+        print(f"[sft] held-out exact match before training: {acc_before['accuracy']:.3f} "
+              f"({acc_before['correct']}/{acc_before['n']})", flush=True)
+
+    datasets = ["train"] + (["eval"] if bundle.eval is not None else [])
+    spec = TrainSpec(output_dir=os.path.abspath(cfg.output_dir), model=cfg.model, train=tc,
+                     tokenizer_dir=os.path.abspath(tok_dir), total_steps=total_steps,
+                     steps_per_epoch=steps_per_epoch, seed=cfg.seed, vocab_size=vocab,
+                     pad_id=tok.pad_token_id, kernels=cfg.kernels, extra={"datasets": datasets})
+    if tc.resume == "never" and files.read_metrics():
+        raise ConfigError(f"trainer.resume=never but {cfg.output_dir} already holds a run; "
+                          f"choose a new output_dir or resume=auto")
+    result = fit(spec, train_ds, eval_ds)
+    if result.error:
+        raise result.error
+
+    metrics = files.read_metrics()
+    summary = {"task": task, "steps": total_steps, "steps_per_epoch": steps_per_epoch,
+               "first_loss": metrics[0]["loss"] if metrics else None,
+               "last_loss": metrics[-1]["loss"] if metrics else None,
+               "eval_loss_end": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
+               "data": stats, "wall_seconds": time.time() - t0,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    if rows:
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(files.path("merged"), dtype=torch.float32)
+        acc_after = measure_accuracy(cfg, merged, tok, rows)
+        summary.update({"eval_accuracy_start": acc_before["accuracy"], "eval_accuracy_end": acc_after["accuracy"],
+                        "eval_problems": acc_after["n"]})
+        print(f"[sft] held-out exact match after training: {acc_after['accuracy']:.3f} "
+              f"({acc_after['correct']}/{acc_after['n']})", flush=True)
+    files.write_summary(summary)
+    summary = files.read_summary()
+    _print_summary(summary, files)
+    return summary
+
+
+def _print_summary(s: dict, files: RunFiles) -> None:
+    print("[sft] ---- summary ----")
+    print(f"[sft] steps {s.get('steps')}  loss {s.get('first_loss'):.4f} -> {s.get('last_loss'):.4f}"
+          + (f"  eval_loss {s['eval_loss_end']:.4f}" if s.get("eval_loss_end") is not None else ""))
+    if "eval_accuracy_start" in s:
+        print(f"[sft] held-out exact match {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy_end']:.3f}")
+    for key in ("adapter_dir", "merged_dir"):
+        if s.get(key):
+            print(f"[sft] {key}: {s[key]}")
+    print(f"[sft] metrics: {files.metrics_path}\n[sft] summary: {files.summary_path}", flush=True)
+
+
+def parse_args(argv: list[str] | None, prog: str):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument("config", nargs="?", help="YAML config (optional: defaults otherwise)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.lr=1e-4")
+    args = p.parse_args(argv)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def main(argv: list[str] | None = None, task: str = "sft") -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv, f"posttrain {task}")
+    try:
+        cfg = load(SFTJobConfig, args.config, args.overrides)
+        if task == "cpt" and cfg.data.format == "auto":
+            cfg = replace(cfg, data=replace(cfg.data, format="text"))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_sft(cfg, task=task)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
