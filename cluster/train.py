@@ -42,6 +42,7 @@ class TrainConfig:
     max_failures: worker-group restarts from the last checkpoint before the run fails.
     storage_path: where checkpoints persist (shared filesystem or URI for multi-node); default output_dir/checkpoints.
     cpus_per_worker: CPU reservation of each worker.
+    placement_strategy: PACK | SPREAD | STRICT_SPREAD (one worker per node) for the worker group.
     log_every: steps between progress lines.
     """
 
@@ -70,6 +71,7 @@ class TrainConfig:
     max_failures: int = 0
     storage_path: str = ""
     cpus_per_worker: int = 1
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     log_every: int = 1
 
     def __post_init__(self):
@@ -127,7 +129,8 @@ def fit(spec: TrainSpec, train_ds, eval_ds=None):
         _train_worker,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu,
-                                     resources_per_worker={"CPU": spec.train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": spec.train.cpus_per_worker},
+                                     placement_strategy=spec.train.placement_strategy),
         run_config=RunConfig(
             name="train", storage_path=storage_root(spec),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
@@ -150,7 +153,7 @@ def _build_for_training(spec: TrainSpec, device):
     if spec.model.finetune == "qlora":
         from kernels.qlora import build_qlora_model  # raises a clear error on CPU
 
-        model = build_qlora_model(spec.model, vocab_size=spec.vocab_size, device=device)
+        model = build_qlora_model(spec.model, vocab_size=spec.vocab_size, device=device, seed=spec.seed)
     else:
         model = build_model(spec.model, vocab_size=spec.vocab_size, device=device, seed=spec.seed)
         if spec.model.finetune == "lora" and device.type == "cuda" and spec.model.dtype == "auto":
@@ -161,13 +164,15 @@ def _build_for_training(spec: TrainSpec, device):
 
         patch_model(model, spec.kernels)
         notes["kernels"] = "patched"
-        try:
+        if spec.model.finetune != "full":
             from kernels.fused_lora import apply_fused_lora
-        except ImportError:
-            apply_fused_lora = None
-        if apply_fused_lora is not None and spec.model.finetune != "full":
-            notes["fused_lora_blocks"] = apply_fused_lora(model)
-    if spec.model.gradient_checkpointing:
+
+            notes["fused_lora_blocks"] = apply_fused_lora(model, mode=spec.kernels.mode)
+    if spec.model.gradient_checkpointing == "offload":
+        from kernels.offload import enable_offloaded_checkpointing
+
+        notes["offloaded_checkpointing_layers"] = enable_offloaded_checkpointing(model)
+    elif spec.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         notes["gradient_checkpointing"] = True
     model.train()
@@ -203,11 +208,15 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
         dist.all_reduce(t)
         return float(t.item())
 
+    _write_worker_info(spec.output_dir, rank)
     model, notes = _build_for_training(spec, device)
     loss_module = LossForward(model)
     if world > 1:
+        ddp_kwargs = {"find_unused_parameters": False}
+        if spec.model.gradient_checkpointing == "offload":
+            ddp_kwargs["static_graph"] = True  # offloaded checkpointing re-enters autograd per layer
         loss_module = ray.train.torch.prepare_model(loss_module, move_to_device=False,
-                                                    parallel_strategy_kwargs={"find_unused_parameters": False})
+                                                    parallel_strategy_kwargs=ddp_kwargs)
     optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.embedding_lr, tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.lr_schedule, tc.warmup_steps, spec.total_steps, tc.min_lr_ratio))
@@ -331,6 +340,19 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
         _save_artifacts(spec, model, notes, last_metrics, time.time() - t_start, state)
 
 
+def _write_worker_info(output_dir: str, rank: int) -> None:
+    """workers/rank<N>.json: pid and node of each worker (for operators and failure tests)."""
+    import json
+
+    import ray
+
+    d = os.path.join(output_dir, "workers")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"rank{rank}.json"), "w") as f:
+        json.dump({"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                   "time": time.time()}, f)
+
+
 def _null():
     import contextlib
 
@@ -347,12 +369,9 @@ def _save_artifacts(spec: TrainSpec, model, notes: dict, last: dict, seconds: fl
 
     files = RunFiles(spec.output_dir)
     if spec.kernels is not None and getattr(spec.kernels, "enabled", False):
-        try:
-            from kernels.fused_lora import remove_fused_lora
+        from kernels.fused_lora import remove_fused_lora
 
-            remove_fused_lora(model)
-        except ImportError:
-            pass
+        remove_fused_lora(model)
         from kernels.patch import unpatch_model
 
         unpatch_model(model)
@@ -361,6 +380,7 @@ def _save_artifacts(spec: TrainSpec, model, notes: dict, last: dict, seconds: fl
     if spec.model.finetune in ("lora", "qlora"):
         out["adapter_dir"] = save_adapter(model, files.path("adapter"))
     dtype = torch.bfloat16 if next(model.parameters()).is_cuda else torch.float32
+    # (an NF4 base is dequantised before the merge: no re-quantisation loss)
     out["merged_dir"] = save_merged(model, files.path("merged"), tokenizer=tok, dtype=dtype)
     files.write_summary({"train": {**{k: v for k, v in asdict(spec.train).items()},
                                    "final_step": state["step"], "final_loss": last.get("loss"),

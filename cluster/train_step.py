@@ -111,18 +111,13 @@ def param_groups(model: nn.Module, lr: float, embedding_lr: float, weight_decay:
 
 def make_optimizer(model: nn.Module, kind: str, lr: float, embedding_lr: float, weight_decay: float,
                    betas=(0.9, 0.999)):
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameter groups."""
+    from kernels.qlora import make_optimizer as adamw
+
     groups = param_groups(model, lr, embedding_lr, weight_decay)
     if not groups:
         raise ValueError("no trainable parameters (check model.finetune and model.lora.target_modules)")
-    if kind == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise RuntimeError("trainer.optimizer=adamw_8bit needs bitsandbytes (pip install "
-                               "'ray-posttrain[gpu]') and a CUDA GPU") from e
-        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas)
-    fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    return adamw(groups, lr=lr, kind=kind, weight_decay=weight_decay, betas=betas)
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):

@@ -20,6 +20,7 @@ Running it again with the same output_dir resumes from the last checkpoint (trai
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -91,7 +92,13 @@ def init_ray(min_cpus: int = 1):
     address = os.environ.get("RAY_ADDRESS")
     env = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, configure_logging=False)
+        # Under `ray job submit` the job's runtime_env is inherited and Ray refuses to merge a key
+        # set twice (even to the same value): only add the variables the job did not set.
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {})
+        job_vars = (job_env or {}).get("env_vars", {}) or {}
+        missing = {k: v for k, v in env.items() if k not in job_vars}
+        ray.init(address=address, runtime_env={"env_vars": missing} if missing else None,
+                 configure_logging=False)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
                  configure_logging=False, runtime_env={"env_vars": env})

@@ -6,7 +6,6 @@ named preset built with random weights (`preset`): the public shapes are for ben
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -98,6 +97,8 @@ class ModelConfig:
     tokenizer: a local tokenizer folder; default: `path`, or the run's trained tokenizer.
     finetune: lora | qlora (NF4 base, GPU only) | full.
     dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.
+    gradient_checkpointing: true (recompute each decoder layer in backward) | "offload" (also keep the
+        saved layer inputs in pinned CPU memory, copied on a side stream) | false.
     train_embeddings: also train embed_tokens and lm_head (CPT); their lr is trainer.embedding_lr.
     config_overrides: keys set on the Hugging Face config (e.g. num_hidden_layers for a smaller preset).
     """
@@ -109,7 +110,7 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["offload"] = False
     train_embeddings: bool = False
     config_overrides: dict = field(default_factory=dict)
 
@@ -200,28 +201,11 @@ def save_adapter(model, out_dir: str) -> str:
 
 
 def save_merged(model, out_dir: str, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> str:
-    """A merged 16-bit model folder that transformers (and vLLM) load directly."""
-    from peft import PeftModel
+    """A merged model folder (safetensors + config + tokenizer) that transformers and vLLM load
+    directly; a PEFT model is merged on a copy, an NF4 base is dequantised first."""
+    from kernels.export import write_merged16
 
-    if isinstance(model, PeftModel):
-        # merge_and_unload mutates; merge a copy so training state stays intact
-        import copy
-
-        merged = copy.deepcopy(model).merge_and_unload()
-    else:
-        merged = model
-    os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().to(dtype) for k, v in merged.state_dict().items()}
-    merged.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    with open(os.path.join(out_dir, "config.json")) as f:
-        conf = json.load(f)
-    conf["dtype"] = str(dtype).replace("torch.", "")
-    conf["use_cache"] = True
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(conf, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return write_merged16(model, tokenizer, out_dir, dtype=dtype)
 
 
 def with_overrides(cfg: ModelConfig, **kw) -> ModelConfig:

@@ -1,0 +1,239 @@
+"""The HTTP side of the hf engine: one FastAPI app per replica, OpenAI routes and error contract.
+
+`make_app(server)` needs only `server.engine` (a cluster.serve_engines.HFEngine or anything with
+its methods), `server.model_id` and `server.api_key`, so tests drive it with starlette's
+TestClient as well as through Ray Serve. Order of checks on every model route: API key (401),
+body (400), model name (404), prompt length against max_model_len (400), then generation.
+Any unexpected exception becomes a 500 JSON body; the replica keeps serving.
+"""
+import functools
+import hmac
+import time
+
+from cluster.serve_openai import (
+    ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, chat_chunk, chat_response,
+    completion_chunk, completion_response, error_body, model_card, new_id, parse_request, sse,
+    usage, usage_chunk,
+)
+
+DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default max_tokens for /v1/completions
+
+
+def _guard(fn):
+    """Turn any exception of a handler into an OpenAI error response (500 for the unexpected)."""
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        from starlette.responses import JSONResponse
+
+        try:
+            return await fn(*args, **kwargs)
+        except OpenAIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except Exception as e:  # noqa: BLE001 - the replica must survive whatever a request does
+            return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
+                                           type="server_error", code="internal_error"), status_code=500)
+    return wrapper
+
+
+class _Handlers:
+    """Request handling shared by the chat and completion endpoints."""
+
+    def __init__(self, server):
+        self.s = server
+
+    def check_key(self, request) -> None:
+        key = self.s.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise OpenAIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
+                              code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def check_model(self, name: str | None) -> str:
+        if name not in (None, "", self.s.model_id):
+            raise OpenAIError(404, f"The model {name!r} does not exist; this server serves "
+                                   f"{self.s.model_id!r}.", param="model", code="model_not_found")
+        return self.s.model_id
+
+    def budget(self, n_prompt: int, requested: int | None, default: int | None, param: str) -> int:
+        """max_tokens for this prompt, or a 400 naming max_model_len."""
+        limit = self.s.engine.max_model_len
+        if n_prompt == 0:
+            raise bad_request("the prompt is empty", param=param)
+        if n_prompt >= limit:
+            raise bad_request(
+                f"This model's maximum context length (max_model_len) is {limit} tokens, but the "
+                f"prompt has {n_prompt} tokens. Shorten the {param}.", param=param,
+                code="context_length_exceeded")
+        room = limit - n_prompt
+        if requested is None:
+            return min(default, room) if default else room
+        if requested > room:
+            raise bad_request(
+                f"This model's maximum context length (max_model_len) is {limit} tokens; the prompt "
+                f"has {n_prompt} tokens, so max_tokens may be at most {room} (asked for {requested}).",
+                param="max_tokens", code="context_length_exceeded")
+        return requested
+
+    def gen_args(self, req, max_tokens: int) -> dict:
+        return dict(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                    stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos)
+
+    # -- chat -----------------------------------------------------------------------------
+    async def chat(self, request):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        self.check_key(request)
+        req = parse_request(ChatCompletionRequest, await request.body())
+        model = self.check_model(req.model)
+        engine = self.s.engine
+        if not engine.has_chat_template():
+            raise bad_request("this model's tokenizer has no chat template; use /v1/completions",
+                              param="messages")
+        try:
+            ids = engine.encode_chat(req.chat())
+        except Exception as e:  # noqa: BLE001 - template errors are the request's fault
+            raise bad_request(f"messages could not be rendered with the chat template: {e}",
+                              param="messages") from None
+        max_tokens = self.budget(len(ids), req.requested_max_tokens(), None, "messages")
+        args = self.gen_args(req, max_tokens)
+        rid = new_id("chatcmpl")
+        if req.stream:
+            return StreamingResponse(self._chat_stream(rid, model, ids, args, req.include_usage()),
+                                     media_type="text/event-stream")
+        texts, reasons, total = [""] * req.n, ["length"] * req.n, 0
+        async for ev in engine.stream(ids, **args):
+            texts[ev.index] += ev.text
+            if ev.finish_reason:
+                reasons[ev.index] = ev.finish_reason
+                total += ev.tokens
+        return JSONResponse(chat_response(rid, model, list(zip(texts, reasons)), usage(len(ids), total)))
+
+    async def _chat_stream(self, rid, model, ids, args, include_usage):
+        created, total = int(time.time()), 0
+        try:
+            for i in range(args["n"]):
+                yield sse(chat_chunk(rid, model, created, i, {"role": "assistant", "content": ""}))
+            async for ev in self.s.engine.stream(ids, **args):
+                if ev.text:
+                    yield sse(chat_chunk(rid, model, created, ev.index, {"content": ev.text}))
+                if ev.finish_reason:
+                    total += ev.tokens
+                    yield sse(chat_chunk(rid, model, created, ev.index, {}, ev.finish_reason))
+            if include_usage:
+                yield sse(usage_chunk(rid, model, created, "chat.completion.chunk", usage(len(ids), total)))
+        except Exception as e:  # noqa: BLE001 - headers are sent; report in-band
+            yield sse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        yield sse("[DONE]")
+
+    # -- completions ----------------------------------------------------------------------
+    def encode_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        engine, out = self.s.engine, []
+        for p in req.prompts():
+            if isinstance(p, str):
+                out.append(engine.encode_text(p))
+            elif isinstance(p, list) and all(isinstance(t, int) for t in p):
+                if any(t < 0 or t >= engine.vocab_size for t in p):
+                    raise bad_request(f"prompt token ids must be in [0, {engine.vocab_size})", param="prompt")
+                out.append(list(p))
+            else:
+                raise bad_request("prompt must be a string, a list of strings, or token ids",
+                                  param="prompt")
+        return out
+
+    async def completions(self, request):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        self.check_key(request)
+        req = parse_request(CompletionRequest, await request.body())
+        model = self.check_model(req.model)
+        prompts = self.encode_prompts(req)
+        budgets = [self.budget(len(ids), req.requested_max_tokens(), DEFAULT_COMPLETION_TOKENS, "prompt")
+                   for ids in prompts]
+        rid = new_id("cmpl")
+        if req.stream:
+            return StreamingResponse(self._completion_stream(rid, model, req, prompts, budgets),
+                                     media_type="text/event-stream")
+        choices, n_prompt, total = [], 0, 0
+        for ids, mt in zip(prompts, budgets):
+            texts, reasons = [""] * req.n, ["length"] * req.n
+            async for ev in self.s.engine.stream(ids, **self.gen_args(req, mt)):
+                texts[ev.index] += ev.text
+                if ev.finish_reason:
+                    reasons[ev.index] = ev.finish_reason
+                    total += ev.tokens
+            choices.extend(zip(texts, reasons))
+            n_prompt += len(ids)
+        return JSONResponse(completion_response(rid, model, choices, usage(n_prompt, total)))
+
+    async def _completion_stream(self, rid, model, req, prompts, budgets):
+        created, n_prompt, total = int(time.time()), 0, 0
+        try:
+            for p, (ids, mt) in enumerate(zip(prompts, budgets)):
+                async for ev in self.s.engine.stream(ids, **self.gen_args(req, mt)):
+                    index = p * req.n + ev.index        # OpenAI numbers choices across prompts
+                    if ev.text or ev.finish_reason:
+                        yield sse(completion_chunk(rid, model, created, index, ev.text, ev.finish_reason))
+                    if ev.finish_reason:
+                        total += ev.tokens
+                n_prompt += len(ids)
+            if req.include_usage():
+                yield sse(usage_chunk(rid, model, created, "text_completion", usage(n_prompt, total)))
+        except Exception as e:  # noqa: BLE001
+            yield sse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        yield sse("[DONE]")
+
+
+def make_app(server):
+    """The FastAPI app of one replica. `server` has .engine, .model_id, .api_key."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import JSONResponse
+
+    app = FastAPI(title="ray-posttrain", docs_url=None, redoc_url=None, openapi_url=None)
+    h = _Handlers(server)
+    created = int(time.time())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", code=code),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return JSONResponse(error_body(f"invalid request: {exc.errors()[:1]}"), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.model_id}
+
+    @app.get("/v1/models")
+    @_guard
+    async def models(request: Request):
+        h.check_key(request)
+        return {"object": "list", "data": [model_card(server.model_id, server.engine.max_model_len, created)]}
+
+    @app.get("/v1/models/{model:path}")
+    @_guard
+    async def model(model: str, request: Request):
+        h.check_key(request)
+        h.check_model(model)
+        return model_card(server.model_id, server.engine.max_model_len, created)
+
+    @app.post("/v1/chat/completions")
+    @_guard
+    async def chat(request: Request):
+        return await h.chat(request)
+
+    @app.post("/v1/completions")
+    @_guard
+    async def completions(request: Request):
+        return await h.completions(request)
+
+    return app

@@ -1,0 +1,282 @@
+"""The OpenAI wire format of the serving app: request schemas, errors, response and SSE chunks.
+
+No Ray and no torch here, so every rule of the HTTP contract has fast unit tests:
+- requests are pydantic models; a bad field becomes a 400 whose `param` names the field;
+- every error body is `{"error": {"message", "type", "param", "code"}}` (what the official
+  clients parse into `openai.BadRequestError` & co.);
+- `StopText` turns a growing decoded string into safe-to-send deltas: text that could still
+  become a stop string, or a half-decoded UTF-8 character, is held back until it is settled.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_N = 16          # choices per request; each one is a row of the decode batch
+MAX_STOP = 4        # stop strings per request (the OpenAI limit)
+
+
+class OpenAIError(Exception):
+    """An error that reaches the client as OpenAI-style JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests. Unknown fields are accepted and ignored (clients send vendor extras); fields whose
+# meaning we would silently change are rejected in `unsupported()`.
+# ---------------------------------------------------------------------------------------------
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = Field(default=None, validate_default=True)
+    stream: bool = False
+    stream_options: dict | None = None
+    seed: int | None = None
+    user: str | None = None
+    ignore_eos: bool = False        # vLLM's extension: keep going past end-of-sequence (benchmarks)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else list(v)
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are accepted, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+    def unsupported(self) -> None:
+        extra = self.model_extra or {}
+        for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias"):
+            val = extra.get(key)
+            if val not in (None, False, 0, [], {}):
+                raise bad_request(f"{key!r} is not supported by this server", param=key,
+                                  code="unsupported_parameter")
+        best_of = extra.get("best_of")
+        if best_of not in (None, 1) and best_of != self.n:
+            raise bad_request("'best_of' is not supported by this server", param="best_of",
+                              code="unsupported_parameter")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict], None] = None
+
+    def text(self) -> str:
+        """The message's text; list content is the OpenAI parts form (text parts only)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        out = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request("only text content parts are supported", param="messages",
+                                  code="unsupported_parameter")
+            out.append(part["text"])
+        return "".join(out)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def chat(self) -> list[dict]:
+        # "developer" is the newer name of "system"; templates know only the latter
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+def parse_request(cls, raw: bytes):
+    """Body bytes -> request model, or a 400 naming the offending field."""
+    try:
+        data = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    try:
+        req = cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err.get("loc", ())) or None
+        msg = err.get("msg", "invalid value")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        raise bad_request(f"{param}: {msg}" if param else msg, param=param) from None
+    req.unsupported()
+    return req
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(rid: str, model: str, choices: list[tuple[str, str]], usage_: dict) -> dict:
+    """choices: (text, finish_reason) in index order."""
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": fr} for i, (text, fr) in enumerate(choices)],
+        "usage": usage_,
+    }
+
+
+def completion_response(rid: str, model: str, choices: list[tuple[str, str]], usage_: dict) -> dict:
+    return {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fr}
+                    for i, (text, fr) in enumerate(choices)],
+        "usage": usage_,
+    }
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict,
+               finish_reason: str | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None,
+                         "finish_reason": finish_reason}]}
+
+
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str,
+                     finish_reason: str | None = None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None,
+                         "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, obj: str, usage_: dict) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage_}
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event; the stream ends with `sse("[DONE]")`."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+def model_card(model_id: str, max_model_len: int, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "ray-posttrain",
+            "max_model_len": max_model_len}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings over a growing text
+# ---------------------------------------------------------------------------------------------
+
+class StopText:
+    """Feed the whole decoded text after each token; get back what may be sent now.
+
+    `update(text)` returns (delta, stopped). Once a stop string appears, the text is cut just
+    before it and `stopped` is True. Until then, a tail that is a prefix of some stop string,
+    or ends in U+FFFD (a multi-byte character whose bytes have not all arrived), is held back.
+    `flush(text)` sends whatever is left when generation ends for another reason.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.sent = 0
+        self.text = ""
+
+    def _held(self, text: str) -> int:
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        if text.endswith("\ufffd"):
+            hold = max(hold, 1)
+        return hold
+
+    def update(self, text: str) -> tuple[str, bool]:
+        cut = -1
+        for s in self.stops:
+            i = text.find(s)
+            if i != -1 and (cut == -1 or i < cut):
+                cut = i
+        if cut != -1:
+            delta = text[self.sent:cut] if cut > self.sent else ""
+            self.sent = max(self.sent, cut)
+            self.text = text[:cut]
+            return delta, True
+        safe = len(text) - self._held(text)
+        delta = text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        self.text = text
+        return delta, False
+
+    def flush(self, text: str) -> str:
+        delta = text[self.sent:]
+        self.sent = len(text)
+        self.text = text
+        return delta

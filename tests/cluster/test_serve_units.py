@@ -1,0 +1,366 @@
+"""Serving pieces without Ray: ServeConfig validation, request parsing, stop strings, sampling,
+the HTTP app through starlette's TestClient, adapter serving, Serve config files."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from cluster.serve import AutoscalingConfig, ServeConfig, app_builder, resolve, serve_config_file
+from cluster.serve_engines import HFEngine, sample
+from cluster.serve_http import make_app
+from cluster.serve_openai import ChatCompletionRequest, CompletionRequest, OpenAIError, StopText, parse_request
+
+# ---------------------------------------------------------------------------------------------
+# ServeConfig
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(path=""), "path"),
+    (dict(route_prefix="v1"), "route_prefix"),
+    (dict(port=0), "port"),
+    (dict(port=70000), "port"),
+    (dict(host=""), "host"),
+    (dict(api_key="a", api_key_env="B"), "api_key"),
+    (dict(max_model_len=-1), "max_model_len"),
+    (dict(max_ongoing_requests=0), "max_ongoing_requests"),
+    (dict(num_cpus=-1), "num_cpus"),
+    (dict(num_gpus=2), "num_gpus"),
+    (dict(tensor_parallel_size=2), "tensor_parallel_size"),
+    (dict(engine="vllm", num_gpus=1, tensor_parallel_size=2), "num_gpus"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(engine_kwargs={"x": 1}), "engine_kwargs"),
+    (dict(engine="tgi"), "engine"),
+    (dict(dtype="fp8"), "dtype"),
+    (dict(autoscaling={"min_replicas": 3, "max_replicas": 2}), "autoscaling.min_replicas"),
+])
+def test_config_errors_name_the_field(kw, field):
+    base = dict(path="some/model")
+    base.update(kw)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        ServeConfig(**base)
+
+
+def test_autoscaling_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"autoscaling\.max_replicas"):
+        AutoscalingConfig(max_replicas=0)
+    with pytest.raises(ValueError, match=r"autoscaling\.target_ongoing_requests"):
+        AutoscalingConfig(target_ongoing_requests=0)
+    assert AutoscalingConfig(min_replicas=0, max_replicas=4).serve_dict() == {
+        "min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 4.0}
+
+
+def test_from_dict_roundtrip_and_unknown_keys():
+    cfg = ServeConfig(path="/m", api_key_env="K", autoscaling=AutoscalingConfig(1, 3, 2.0))
+    assert ServeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="prot"):
+        ServeConfig.from_dict({"path": "/m", "prot": 1})
+    with pytest.raises(ValueError, match="autoscaling"):
+        ServeConfig.from_dict({"path": "/m", "autoscaling": {"max": 2}})
+
+
+def test_served_name():
+    assert ServeConfig(path="runs/sft-0001/merged").served_name() == "sft-0001-merged"
+    assert ServeConfig(path="/models/my-model").served_name() == "my-model"
+    assert ServeConfig(path="/b", adapter="runs/x/adapter").served_name() == "x-adapter"
+    assert ServeConfig(path="/b", model_name="chosen").served_name() == "chosen"
+    assert ServeConfig(path="meta-llama/Llama-3.2-1B", engine="vllm").served_name() == "meta-llama/Llama-3.2-1B"
+
+
+def test_api_key_env(monkeypatch):
+    cfg = ServeConfig(path="/m", api_key_env="RPT_TEST_KEY")
+    monkeypatch.delenv("RPT_TEST_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="RPT_TEST_KEY"):
+        cfg.resolved_api_key()
+    monkeypatch.setenv("RPT_TEST_KEY", "s3cret")
+    assert cfg.resolved_api_key() == "s3cret"
+
+
+def test_every_field_is_documented():
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "serving.md")).read()
+    import dataclasses
+    for f in dataclasses.fields(ServeConfig) + dataclasses.fields(AutoscalingConfig):
+        assert f"`{f.name}`" in doc, f"docs/serving.md does not document {f.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests, stop strings, sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parse_request_errors():
+    with pytest.raises(OpenAIError) as e:
+        parse_request(ChatCompletionRequest, b"{nope")
+    assert e.value.status == 400 and e.value.code == "invalid_json"
+    with pytest.raises(OpenAIError) as e:
+        parse_request(ChatCompletionRequest, b"[1]")
+    assert e.value.status == 400
+    with pytest.raises(OpenAIError) as e:
+        parse_request(ChatCompletionRequest, json.dumps({"messages": []}).encode())
+    assert e.value.param == "messages"
+    with pytest.raises(OpenAIError) as e:
+        parse_request(CompletionRequest, json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).encode())
+    assert e.value.param == "stop" and "at most 4" in e.value.message
+    with pytest.raises(OpenAIError) as e:
+        parse_request(CompletionRequest, json.dumps({"prompt": "x", "logprobs": 3}).encode())
+    assert e.value.code == "unsupported_parameter"
+    with pytest.raises(OpenAIError) as e:
+        parse_request(CompletionRequest, json.dumps({"prompt": "x", "n": 17}).encode())
+    assert e.value.param == "n"
+
+
+def test_parse_request_accepts_openai_shapes():
+    req = parse_request(ChatCompletionRequest, json.dumps({
+        "model": "m", "messages": [{"role": "developer", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_completion_tokens": 5, "stop": "\n", "vendor_extra": 1}).encode())
+    assert req.chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert req.requested_max_tokens() == 5 and req.stop == ["\n"]
+    assert parse_request(CompletionRequest, b'{"prompt": [1, 2, 3]}').prompts() == [[1, 2, 3]]
+    assert parse_request(CompletionRequest, b'{"prompt": ["a", "b"]}').prompts() == ["a", "b"]
+
+
+def test_stop_text_holds_back_possible_stop_prefixes():
+    st = StopText(["###"])
+    assert st.update("12 #") == ("12 ", False)          # '#' might start '###'
+    assert st.update("12 ##") == ("", False)
+    assert st.update("12 ##x") == ("##x", False)        # it did not
+    assert st.update("12 ##x ###tail") == (" ", True)   # cut right before the stop string
+    assert st.text == "12 ##x "
+
+
+def test_stop_text_waits_for_whole_characters_and_flushes():
+    st = StopText([])
+    assert st.update("ab\ufffd") == ("ab", False)
+    assert st.update("abé") == ("é", False)
+    st2 = StopText(["END"])
+    assert st2.update("xxEN") == ("xx", False)
+    assert st2.flush("xxEN") == "EN"
+
+
+def test_sample_greedy_and_nucleus():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 2.9]])
+    assert sample(logits, 0.0, 1.0, None).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    # a nucleus this small keeps only the top token
+    assert all(sample(logits, 1.0, 1e-6, g).tolist() == [1, 0] for _ in range(20))
+    draws = torch.stack([sample(logits, 1.0, 1.0, g) for _ in range(400)])   # [400, 2]
+    assert set(draws[:, 1].tolist()) >= {0, 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP app without Ray; adapters
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, tiny_tokenizer_dir):
+    """A merged model; and a base + LoRA adapter pair whose adapter is not a no-op."""
+    from kernels.model import ModelConfig, add_lora, build_model, save_adapter, save_merged
+    from kernels.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("serve_units")
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    cfg = ModelConfig(preset="tiny")
+    base = build_model(cfg, vocab_size=len(tok), seed=0)
+    save_merged(base, str(root / "base"), tokenizer=tok, dtype=torch.float32)
+    peft = add_lora(build_model(cfg, vocab_size=len(tok), seed=0), cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_adapter(peft, str(root / "adapter"))
+    tok.save_pretrained(str(root / "adapter"))
+    ids = torch.tensor([tok("Ava has 3 apples.")["input_ids"]])
+    with torch.no_grad():
+        want = peft(input_ids=ids).logits
+    return {"base": str(root / "base"), "adapter": str(root / "adapter"), "ids": ids, "want": want}
+
+
+def test_adapter_is_merged_at_load(tiny_dirs):
+    eng = HFEngine(tiny_dirs["base"], tiny_dirs["adapter"], dtype="float32", device="cpu")
+    with torch.no_grad():
+        got = eng.model(input_ids=tiny_dirs["ids"]).logits
+    torch.testing.assert_close(got, tiny_dirs["want"], atol=1e-4, rtol=1e-4)
+    plain = HFEngine(tiny_dirs["base"], dtype="float32", device="cpu")
+    with torch.no_grad():
+        assert not torch.allclose(plain.model(input_ids=tiny_dirs["ids"]).logits, got, atol=1e-3)
+
+
+def test_resolve_checks_folders(tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="^path: .*no config.json"):
+        resolve(ServeConfig(path=str(tmp_path)))
+    with pytest.raises(ValueError, match="^adapter: "):
+        resolve(ServeConfig(path=tiny_dirs["base"], adapter=str(tmp_path)))
+    with pytest.raises(ValueError, match="^path: .*LoRA adapter folder"):
+        resolve(ServeConfig(path=tiny_dirs["adapter"]))      # its base is not recorded as a folder
+    cfg = resolve(ServeConfig(path=os.path.relpath(tiny_dirs["base"]), adapter=tiny_dirs["adapter"]))
+    assert os.path.isabs(cfg.path) and cfg.model_name
+
+
+class _Server:
+    def __init__(self, engine, key=""):
+        self.engine, self.model_id, self.api_key = engine, "m", key
+
+
+@pytest.fixture(scope="module")
+def http(tiny_dirs):
+    from starlette.testclient import TestClient
+
+    eng = HFEngine(tiny_dirs["base"], dtype="float32", device="cpu", max_model_len=64)
+    with TestClient(make_app(_Server(eng))) as c:
+        yield c
+
+
+def test_no_key_mode_and_routes(http):
+    assert http.get("/health").json()["status"] == "ok"
+    assert http.get("/v1/models").json()["data"][0]["id"] == "m"
+    assert http.get("/v1/models/m").status_code == 200
+    r = http.get("/v1/models/other")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = http.get("/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    r = http.get("/nowhere")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_budget_rules(http):
+    r = http.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    r = http.post("/v1/completions", json={"prompt": "a b c"})          # default 16 tokens
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16
+    r = http.post("/v1/completions", json={"prompt": "x " * 80})
+    assert r.status_code == 400 and "max_model_len" in r.json()["error"]["message"] and "64" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = http.post("/v1/completions", json={"prompt": [1, 2, 10 ** 6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_batch_prompts_number_choices_across_prompts(http):
+    r = http.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 2})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+
+
+def test_chat_without_template_is_400(tiny_dirs, tmp_path):
+    from starlette.testclient import TestClient
+
+    eng = HFEngine(tiny_dirs["base"], dtype="float32", device="cpu")
+    eng.tokenizer.chat_template = None
+    with TestClient(make_app(_Server(eng))) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Serve config files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_emit_config_is_a_valid_serve_config(tmp_path, capsys):
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from jobs.serve import main
+
+    out = tmp_path / "serve.yaml"
+    rc = main(["jobs/configs/tiny-serve.yaml", "host=0.0.0.0", "api_key_env=MY_KEY",
+               "autoscaling.max_replicas=4", "--emit-config", str(out)])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    doc = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(doc)                       # what `serve deploy` checks
+    (app,) = doc["applications"]
+    assert app["import_path"] == "cluster.serve:app_builder"
+    assert app["args"]["autoscaling"]["max_replicas"] == 4
+    assert isinstance(app_builder(app["args"]), Application)    # the builder accepts its args
+    assert doc == serve_config_file(ServeConfig.from_dict(app["args"]))
+
+
+def test_cli_config_errors_exit_2(capsys, tmp_path):
+    from jobs.serve import main
+
+    assert main(["jobs/configs/tiny-serve.yaml", "prot=1", "--no-block"]) == 2
+    assert "prot" in capsys.readouterr().err
+    assert main([str(tmp_path), "--no-block"]) == 2              # not a model folder
+    assert "path:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# vllm-async against a stand-in `vllm` module (the real one runs in test_serve_gpu.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    """Just the vLLM API VLLMAsyncEngine uses: AsyncEngineArgs, AsyncLLMEngine, SamplingParams,
+    RequestOutputKind, and DELTA outputs of (text, token_ids, finish_reason) per choice."""
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    seen = {}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            seen["params"] = kw
+            self.__dict__.update(kw)
+
+    class Engine:
+        model_config = NS(max_model_len=96, get_vocab_size=lambda: 500)
+
+        async def generate(self, prompt, params, request_id):
+            seen["prompt"] = prompt
+            for step in range(3):
+                yield NS(outputs=[NS(index=i, text=f"t{step}", token_ids=[7],
+                                     finish_reason=("length" if step == 2 else None))
+                                  for i in range(params.n)])
+
+    class AsyncLLMEngine:
+        @staticmethod
+        def from_engine_args(args):
+            seen["args"] = args
+            return Engine()
+
+    vllm = types.ModuleType("vllm")
+    vllm.AsyncEngineArgs = lambda **kw: kw
+    vllm.AsyncLLMEngine = AsyncLLMEngine
+    vllm.SamplingParams = SamplingParams
+    sp = types.ModuleType("vllm.sampling_params")
+    sp.RequestOutputKind = NS(DELTA="delta")
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp)
+    return seen
+
+
+def test_vllm_async_engine_adapter(fake_vllm, tiny_dirs):
+    from starlette.testclient import TestClient
+
+    from cluster.serve_engines import VLLMAsyncEngine
+
+    eng = VLLMAsyncEngine(tiny_dirs["base"], max_model_len=96, engine_kwargs={"enforce_eager": True})
+    assert fake_vllm["args"]["max_model_len"] == 96 and fake_vllm["args"]["enforce_eager"] is True
+    assert eng.max_model_len == 96 and eng.vocab_size == 500
+    with TestClient(make_app(_Server(eng, key="k"))) as c:
+        h = {"Authorization": "Bearer k"}
+        r = c.post("/v1/completions", headers=h, json={"prompt": "Ava has", "n": 2, "max_tokens": 3,
+                                                       "stop": ["##"], "seed": 3, "ignore_eos": True})
+        body = r.json()
+        assert r.status_code == 200, body
+        assert [ch["text"] for ch in body["choices"]] == ["t0t1t2"] * 2
+        assert [ch["finish_reason"] for ch in body["choices"]] == ["length"] * 2
+        assert body["usage"]["completion_tokens"] == 6
+        p = fake_vllm["params"]
+        assert (p["n"], p["max_tokens"], p["stop"], p["seed"], p["ignore_eos"]) == (2, 3, ["##"], 3, True)
+        assert p["output_kind"] == "delta"
+        assert fake_vllm["prompt"]["prompt_token_ids"] == eng.encode_text("Ava has")
+        with c.stream("POST", "/v1/chat/completions", headers=h, json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}) as s:
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+        assert text == "t0t1t2" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert c.post("/v1/completions", headers=h, json={"prompt": "x " * 200}).status_code == 400
