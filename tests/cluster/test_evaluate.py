@@ -1,0 +1,214 @@
+"""cluster/evaluate.py: exact-match scoring, self-consistency, confidence intervals, config checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.evaluate import (EvalConfig, bootstrap_interval, evaluate, load_rows, majority_vote,
+                              messages_for, question_and_gold, wilson_interval)
+
+
+class FixedSampler:
+    """A backend that answers from a table: question -> list of completions (cycled to n)."""
+
+    def __init__(self, table: dict[str, list[str]]):
+        self.table = table
+        self.calls = []
+
+    def sample(self, prompts, n, temperature, max_new_tokens, seed):
+        self.calls.append(dict(prompts=prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens))
+        out = []
+        for msgs in prompts:
+            texts = self.table[msgs[-1]["content"]]
+            if temperature == 0:
+                out.append([texts[0]] * n)
+            else:
+                out.append([texts[(i + 1) % len(texts)] for i in range(n)])
+        return out
+
+
+GSM = [
+    {"question": "q1", "answer": "2 + 2 = 4\n#### 4"},
+    {"question": "q2", "answer": "#### 1,000"},
+    {"question": "q3", "answer": "#### 7"},
+    {"question": "q4", "answer": "#### 10"},
+]
+
+
+def test_known_accuracy_gsm8k(tmp_path):
+    sampler = FixedSampler({
+        "q1": ["so the answer is #### 4"],             # right
+        "q2": ["The total is 1000 dollars."],          # right (last number, thousands normalised)
+        "q3": ["#### 8"],                              # wrong
+        "q4": ["no idea"],                             # no answer
+    })
+    res = evaluate(sampler, None, GSM, EvalConfig(max_new_tokens=16), output_path=str(tmp_path))
+    assert res["n"] == 4 and res["correct"] == 2 and res["accuracy"] == 0.5
+    assert [p["correct"] for p in res["per_problem"]] == [True, True, False, False]
+    assert res["per_problem"][3]["voted"] is None
+    assert res["answered"] == 0.75
+    assert sampler.calls[0]["temperature"] == 0.0 and sampler.calls[0]["n"] == 1
+    assert sampler.calls[0]["max_new_tokens"] == 16
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["accuracy"] == 0.5 and len(saved["per_problem"]) == 4
+    assert saved["per_problem"][0]["gold"] == "4"
+
+
+def test_known_accuracy_math_and_max_problems(tmp_path):
+    rows = [
+        {"problem": "p1", "solution": r"We get $\boxed{\frac{3}{4}}$."},
+        {"problem": "p2", "solution": r"so $\boxed{x+1}$", "level": "Level 2"},
+        {"problem": "p3", "answer": "12"},
+        {"problem": "p4", "answer": "5"},
+    ]
+    sampler = FixedSampler({"p1": [r"\boxed{0.75}"], "p2": [r"The answer is \boxed{x + 1}"],
+                            "p3": ["#### 13"], "p4": ["#### 5"]})
+    res = evaluate(sampler, None, rows, EvalConfig(format="math", max_problems=3),
+                   output_path=str(tmp_path / "out" / "m.json"))
+    assert res["n"] == 3 and res["correct"] == 2
+    assert (tmp_path / "out" / "m.json").exists()
+    # auto detection reads the same rows the same way
+    assert evaluate(sampler, None, rows, EvalConfig())["correct"] == 3
+
+
+def test_self_consistency_beats_greedy():
+    # greedy (first text) is wrong; 3 of 4 samples say the right answer
+    table = {q: ["#### 99", "#### 4", "#### 4.0", "the answer is 4"] for q in ("a", "b", "c")}
+    rows = [{"question": q, "answer": "#### 4"} for q in table]
+    greedy = evaluate(FixedSampler(table), None, rows, EvalConfig(k=1))
+    sc = evaluate(FixedSampler(table), None, rows, EvalConfig(k=4))
+    assert greedy["accuracy"] == 0.0
+    assert sc["accuracy"] == 1.0
+    assert sc["temperature"] == 0.7 and sc["k"] == 4
+    p = sc["per_problem"][0]
+    assert p["votes"] == 3 and len(p["predictions"]) == 4 and p["any_correct"]
+    assert greedy["pass_at_k"] == 0.0 and sc["pass_at_k"] == 1.0
+
+
+def test_majority_vote_pools_equal_answers_and_ties_first():
+    assert majority_vote(["1,000", "1000", "7", "7"]) == ("1,000", 2)
+    assert majority_vote(["3", None, "5", None, "5"]) == ("5", 2)
+    assert majority_vote([None, None]) == (None, 0)
+    assert majority_vote(["3/4", "0.75", r"\frac{3}{4}", "1"])[1] == 3
+
+
+def test_wilson_interval_bounds():
+    lo, hi = wilson_interval(0, 50)
+    assert lo == 0.0 and 0.0 < hi < 0.1
+    lo, hi = wilson_interval(50, 50)
+    assert hi == 1.0 and 0.9 < lo < 1.0
+    lo, hi = wilson_interval(50, 100)
+    assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-12  # symmetric at p = 0.5
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3  # textbook values for 50/100
+    # more data, narrower interval
+    assert (wilson_interval(500, 1000)[1] - wilson_interval(500, 1000)[0]) < hi - lo
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_bootstrap_interval():
+    outcomes = [True] * 30 + [False] * 70
+    lo, hi = bootstrap_interval(outcomes, samples=2000, seed=0)
+    assert lo < 0.3 < hi
+    w_lo, w_hi = wilson_interval(30, 100)
+    assert abs(lo - w_lo) < 0.04 and abs(hi - w_hi) < 0.04
+    assert bootstrap_interval(outcomes, 500, seed=1) == bootstrap_interval(outcomes, 500, seed=1)
+    assert bootstrap_interval([True] * 10) == (1.0, 1.0)
+    sampler = FixedSampler({"q1": ["#### 4"], "q2": ["#### 1"], "q3": ["#### 7"], "q4": ["#### 10"]})
+    res = evaluate(sampler, None, GSM, EvalConfig(ci="bootstrap", bootstrap_samples=500))
+    assert res["ci_method"] == "bootstrap" and res["ci95"][0] <= res["accuracy"] <= res["ci95"][1]
+
+
+def test_prompt_is_the_sft_chat_rendering(tiny_tokenizer_dir):
+    from kernels.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    msgs = messages_for("How many?", "Be brief.")
+    assert msgs == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How many?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow many?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    sampler = FixedSampler({"q1": ["#### 4"]})
+    evaluate(sampler, None, GSM[:1], EvalConfig(system_prompt="Be brief."))
+    assert sampler.calls[0]["prompts"] == [[{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "q1"}]]
+
+
+def test_hf_backend_on_tiny_model(tiny_tokenizer_dir, tmp_path):
+    from kernels.model import ModelConfig, build_model
+    from kernels.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    model = build_model(ModelConfig(preset="tiny", dtype="float32"), vocab_size=len(tok))
+    rows = load_rows("builtin")[:6]
+    res = evaluate(model, tok, rows, EvalConfig(max_new_tokens=8, batch_size=4))
+    assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+    assert all(len(p["predictions"]) == 1 for p in res["per_problem"])
+    res = evaluate(model, tok, rows[:2], EvalConfig(max_new_tokens=4, k=3, temperature=1.0))
+    assert all(len(p["predictions"]) == 3 for p in res["per_problem"])
+
+
+def test_data_loading(tmp_path):
+    rows = load_rows("builtin")
+    assert len(rows) == 200 and question_and_gold(rows[0], "auto")[1].lstrip("-").isdigit()
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in GSM) + "\n")
+    assert load_rows(str(p)) == GSM
+    j = tmp_path / "d.json"
+    j.write_text(json.dumps(GSM))
+    assert load_rows(str(j)) == GSM
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="unknown file type"):
+        (tmp_path / "d.csv").write_text("x")
+        load_rows(str(tmp_path / "d.csv"))
+    with pytest.raises(ValueError, match="cannot tell the data format"):
+        question_and_gold({"text": "hi"}, "auto")
+    with pytest.raises(ValueError, match="gsm8k row needs"):
+        question_and_gold({"problem": "p", "solution": "s"}, "gsm8k")
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(k=0), "eval.k"), (dict(format="csv"), "eval.format"), (dict(backend="tgi"), "eval.backend"),
+    (dict(k=4, temperature=0.0), "eval.temperature"), (dict(temperature=-1.0), "eval.temperature"),
+    (dict(max_new_tokens=0), "eval.max_new_tokens"), (dict(max_problems=-1), "eval.max_problems"),
+    (dict(batch_size=0), "eval.batch_size"), (dict(top_p=0.0), "eval.top_p"), (dict(ci="exact"), "eval.ci"),
+    (dict(data=""), "eval.data"),
+])
+def test_config_validation_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        EvalConfig(**kw)
+
+
+def test_vllm_backend_needs_a_path():
+    with pytest.raises((ValueError, RuntimeError), match="vllm|vLLM"):
+        evaluate(object(), None, GSM, EvalConfig(backend="vllm"))
+
+
+def test_eval_job_on_model_folder(tiny_tokenizer_dir, tmp_path, capsys):
+    from jobs.eval import main
+    from kernels.model import ModelConfig, build_model
+    from kernels.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    folder = tmp_path / "model"
+    build_model(ModelConfig(preset="tiny", dtype="float32"), vocab_size=len(tok)).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    assert main([str(folder), "max_problems=3", "max_new_tokens=4", "--out", str(tmp_path / "res")]) == 0
+    res = json.loads((tmp_path / "res" / "eval.json").read_text())
+    assert res["n"] == 3 and res["config"]["max_new_tokens"] == 4
+    assert "[eval] accuracy" in capsys.readouterr().out
+    assert main([str(folder), "kk=3"]) == 2
+    assert "unknown config key 'kk'" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_shipped_eval_config_loads():
+    import os
+
+    from jobs.config import load
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load(EvalConfig, os.path.join(root, "jobs", "configs", "tiny-eval.yaml"), ["k=4"])
+    assert cfg.k == 4 and cfg.sampling_temperature == 0.7 and cfg.max_problems == 200
