@@ -1,0 +1,207 @@
+"""NF4 dequantisation (kernels/nf4.py) and the QLoRA builder/optimizers (kernels/qlora.py).
+
+CPU: the Triton kernel (interpreter) against the PyTorch reference on quant states built by hand
+(our reference quantiser, plain and double-quantised absmax), the NF4 table, bitsandbytes' CPU
+packing; QLoRA's clear error without a GPU; make_optimizer. GPU (`gpu`): the kernel against
+bitsandbytes' own dequantize_4bit, and a QLoRA model built, adapted and stepped.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.model import LoraConfig, ModelConfig
+from kernels.nf4 import (NF4_VALUES, NF4State, dequantize_bnb_weight, nf4_dequantize, nf4_dequantize_reference,
+                         nf4_dequantize_triton, nf4_quantize_reference)
+from kernels.ops.common import triton_interpreted
+
+# (dtype, atol, rtol):
+# fp32 output: kernel and reference compute the same fp32 product code * absmax -> exact.
+TOL_FP32 = (torch.float32, 0.0, 0.0)
+# bf16/fp16 output: one rounding of the same fp32 value, but the interpreter (and FMA contraction
+# of code2 * scale + offset on GPU) may land one ulp away: 1 ulp is < 2**-7 relative in bf16.
+TOL_BF16 = (torch.bfloat16, 0.0, 2.0 ** -7)
+TOL_FP16 = (torch.float16, 0.0, 2.0 ** -10)
+
+SHAPES = [(1, 1), (3, 41), (5, 123), (96, 160), (64, 300)]
+
+needs_triton = pytest.mark.skipif(
+    not (triton_interpreted() or torch.cuda.is_available()),
+    reason="Triton on CPU needs TRITON_INTERPRET=1 before triton is imported")
+
+
+def _close(a, b, tol, what=""):
+    dtype, atol, rtol = tol
+    assert a.dtype == b.dtype == dtype, (a.dtype, b.dtype, dtype)
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def test_nf4_table():
+    v = torch.tensor(NF4_VALUES)
+    assert v.numel() == 16 and v[0] == -1.0 and v[-1] == 1.0 and (v == 0).sum() == 1
+    assert torch.all(v[1:] > v[:-1])  # sorted: index order = value order
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_reference_roundtrip(shape, double_quant, blocksize):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    packed, state = nf4_quantize_reference(w, blocksize=blocksize, double_quant=double_quant)
+    assert packed.dtype == torch.uint8 and packed.numel() == (w.numel() + 1) // 2
+    assert state.nested == double_quant
+    deq = nf4_dequantize_reference(packed, state, torch.float32)
+    assert deq.shape == w.shape
+    # nearest NF4 level: error <= half the widest gap (-1.0 -> -0.6962) times the block's absmax,
+    # plus the 8-bit absmax error when double-quantised
+    flat = torch.nn.functional.pad(w.reshape(-1), (0, -w.numel() % blocksize)).view(-1, blocksize)
+    absmax = flat.abs().amax(1).repeat_interleave(blocksize)[: w.numel()].view(shape)
+    slack = 0.02 * absmax.max() if double_quant else 0.0
+    assert torch.all((deq - w).abs() <= 0.1520 * absmax + 1e-7 + slack)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_triton_matches_reference(shape, double_quant, blocksize):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.05
+    packed, state = nf4_quantize_reference(w, blocksize=blocksize, double_quant=double_quant)
+    _close(nf4_dequantize_triton(packed, state, torch.float32), nf4_dequantize_reference(packed, state, torch.float32),
+           TOL_FP32, "fp32")
+    _close(nf4_dequantize_triton(packed, state, torch.bfloat16),
+           nf4_dequantize_reference(packed, state, torch.bfloat16), TOL_BF16, "bf16")
+
+
+def test_dispatch_and_errors():
+    w = torch.randn(8, 64)
+    packed, state = nf4_quantize_reference(w)
+    out = nf4_dequantize(packed, state, mode="reference")
+    assert out.dtype == torch.float32 and out.shape == (8, 64)
+    with pytest.raises(ValueError, match="cannot hold"):
+        nf4_dequantize_reference(packed[:3], state)
+    bad = NF4State(shape=(8, 64), dtype=torch.float32, blocksize=48, absmax=state.absmax)
+    with pytest.raises(ValueError, match="power of two"):
+        nf4_dequantize_reference(packed, bad)
+
+
+def test_bitsandbytes_state_and_packing_cpu():
+    """bitsandbytes' CPU quantiser packs exactly like ours; its QuantState converts without copies."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(64, 192, generator=torch.Generator().manual_seed(2))
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours, _ = nf4_quantize_reference(w, blocksize=64, double_quant=False)
+    assert torch.equal(q.view(-1), ours.view(-1))
+    st = NF4State.from_bnb(qs)
+    assert st.nested and st.absmax is qs.absmax and st.nested_absmax is qs.state2.absmax
+    assert torch.allclose(qs.code.float(), torch.tensor(NF4_VALUES))
+    # row length a multiple of the blocksize: bitsandbytes' CPU dequantiser agrees with ours
+    _close(nf4_dequantize_reference(q, st, torch.float32), bnbf.dequantize_4bit(q, qs).float(), TOL_FP32, "bnb cpu")
+
+
+# ---- QLoRA / optimizers ----------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_qlora_on_cpu_gives_clear_error():
+    from kernels.qlora import build_qlora_model
+
+    with pytest.raises(RuntimeError, match=r"model.finetune=qlora needs a CUDA GPU and bitsandbytes"):
+        build_qlora_model(ModelConfig(preset="tiny", finetune="qlora"), device="cpu")
+    with pytest.raises(RuntimeError, match=r"model.finetune=qlora needs a CUDA GPU"):
+        build_qlora_model(ModelConfig(preset="tiny", finetune="qlora"))  # default device cuda, none here
+
+
+def test_make_optimizer():
+    from kernels.qlora import make_optimizer
+
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    opt = make_optimizer([p], lr=1e-2, kind="adamw", weight_decay=0.0)
+    assert isinstance(opt, torch.optim.AdamW)
+    with pytest.raises(ValueError, match="trainer.optimizer"):
+        make_optimizer([p], lr=1e-2, kind="sgd")
+    with pytest.raises(ValueError, match="no parameters"):
+        make_optimizer([], lr=1e-2)
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        with pytest.raises(RuntimeError, match="adamw_8bit needs bitsandbytes"):
+            make_optimizer([p], lr=1e-2, kind="adamw_8bit")
+        return
+    opt8 = make_optimizer([{"params": [p], "lr": 1e-2}], lr=1e-3, kind="adamw_8bit")
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt8.step()
+    assert opt8.state[p]["state1"].dtype == torch.uint8  # 8-bit moments
+    assert (p.detach() - before).abs().max() > 0
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(3, 41), (96, 160), (2048, 2048), (8192, 2048), (4096, 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_triton_matches_bitsandbytes(shape, double_quant, dtype):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = (torch.randn(shape, device="cuda") * 0.02).to(dtype)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    theirs = bnbf.dequantize_4bit(q, qs)
+    ours = nf4_dequantize_triton(q, NF4State.from_bnb(qs))
+    tol = {torch.bfloat16: TOL_BF16, torch.float16: TOL_FP16, torch.float32: (torch.float32, 0.0, 1e-6)}[dtype]
+    _close(ours, theirs, tol, f"{shape} nested={double_quant}")
+    if dtype != torch.float32:  # a 1-ulp fp32 absmax difference (FMA) almost never survives 16-bit rounding
+        exact = (ours == theirs).float().mean().item()
+        assert exact > 0.999, f"only {exact:.4%} bit-identical"
+    ref = nf4_dequantize_reference(q, NF4State.from_bnb(qs))
+    _close(ref, theirs, tol, "reference vs bitsandbytes")
+
+
+@pytest.mark.gpu
+def test_gpu_dequantize_bnb_weight_impls_agree():
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = bnb.nn.Linear4bit(2048, 8192, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                            quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(torch.randn(8192, 2048, dtype=torch.bfloat16) * 0.02, requires_grad=False,
+                                   compress_statistics=True, quant_type="nf4", module=lin)
+    lin = lin.cuda()
+    a = dequantize_bnb_weight(lin.weight, torch.bfloat16, impl="triton")
+    b = dequantize_bnb_weight(lin.weight, torch.bfloat16, impl="bnb")
+    _close(a, b, TOL_BF16, "impls")
+
+
+@pytest.mark.gpu
+def test_gpu_qlora_model_builds_adapts_and_steps():
+    pytest.importorskip("bitsandbytes")
+    from kernels.fused_lora import apply_fused_lora
+    from kernels.loss import causal_lm_loss_sum
+    from kernels.model import add_lora, build_model, count_parameters
+    from kernels.qlora import build_qlora_model, make_optimizer
+
+    cfg = ModelConfig(preset="llama-3.2-1b", finetune="qlora", lora=LoraConfig(r=16, alpha=32),
+                      config_overrides=dict(num_hidden_layers=4))
+    torch.cuda.reset_peak_memory_stats()
+    model = build_qlora_model(cfg, device="cuda")
+    nf4_bytes = torch.cuda.memory_allocated()
+    dense = build_model(ModelConfig(preset="llama-3.2-1b", dtype="bfloat16", config_overrides=dict(num_hidden_layers=4)),
+                        device="cuda")
+    dense_bytes = torch.cuda.memory_allocated() - nf4_bytes
+    del dense
+    assert nf4_bytes < 0.75 * dense_bytes  # 4 layers of NF4 + bf16 embeddings vs all bf16
+    model = add_lora(model, cfg)
+    assert count_parameters(model)["trainable"] > 0
+    assert apply_fused_lora(model) == 4 * 3
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-3, kind="adamw_8bit")
+    ids = torch.randint(0, model.config.vocab_size, (2, 256), device="cuda")
+    losses = []
+    for _ in range(5):
+        loss_sum, n = causal_lm_loss_sum(model, ids, ids)
+        loss = loss_sum / n
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]  # the same batch five times: it must be learning it
