@@ -6,13 +6,21 @@ the data pipeline: labels[b, t] is the target for the prediction made at positio
 same as `input_ids` with -100 where no loss is taken (HF convention: the shift happens here).
 Summed, not averaged, so that gradient accumulation can normalise by the total number of target
 tokens across micro-batches and workers.
+
+The loss goes through `kernels.patch.linear_cross_entropy` (chunked, fp32 per chunk, never the
+[B*T, V] logits), in the mode the model was patched with; a model patched with
+KernelsConfig(enabled=False) gets the plain full-logits reference instead.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from kernels.ops.linear_cross_entropy import IGNORE_INDEX
+from kernels.ops.linear_cross_entropy import linear_cross_entropy_reference as reference_linear_cross_entropy
+from kernels.patch import kernels_config, linear_cross_entropy
+
+__all__ = ["IGNORE_INDEX", "causal_lm_loss_sum", "reference_linear_cross_entropy", "shift_labels"]
 
 
 def _decoder_and_head(model):
@@ -29,15 +37,6 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   softcap: float | None = None, reduction: str = "sum") -> torch.Tensor:
-    """Pure PyTorch: full logits in fp32, then cross-entropy. hidden [N, H], weight [V, H], targets [N]."""
-    logits = (hidden @ weight.t()).float()  # [N, H] x [H, V] -> [N, V]
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
-
-
 def causal_lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
                        position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     decoder, head, softcap = _decoder_and_head(model)
@@ -47,12 +46,10 @@ def causal_lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
     n_tokens = int((targets != IGNORE_INDEX).sum())
     h = hidden.reshape(-1, hidden.shape[-1])  # [B, T, H] -> [B*T, H]
     t = targets.reshape(-1)
-    try:
-        from kernels.patch import linear_cross_entropy
-    except ImportError:  # kernels not built yet: reference path
-        linear_cross_entropy = None
-    if linear_cross_entropy is not None:
-        loss = linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum")
-    else:
+    cfg = kernels_config(model)
+    if cfg is not None and not cfg.enabled:
         loss = reference_linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum")
+    else:
+        loss = linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum",
+                                    mode=cfg.mode if cfg is not None else None)
     return loss, n_tokens
