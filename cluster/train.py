@@ -233,7 +233,7 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
     if resume_dir:
         state.update(load_training_state(resume_dir, model, optimizer, scheduler))
         if rank == 0:
-            print(f"[train] resumed from step {state['step']} ({resume_dir})", flush=True)
+            _say(f"[train] resumed from step {state['step']} ({resume_dir})")
     if files is not None:
         files.truncate_metrics_after(state["step"])
 
@@ -266,8 +266,8 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
     if rank == 0:
-        print(f"[train] {world} worker(s) on {device.type}; {spec.total_steps} steps "
-              f"({spec.steps_per_epoch}/epoch); notes={notes}", flush=True)
+        _say(f"[train] {world} worker(s) on {device.type}; {spec.total_steps} steps "
+             f"({spec.steps_per_epoch}/epoch); notes={notes}")
     t_start = time.time()
     stop = False
     last_metrics: dict = {}
@@ -322,8 +322,8 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
                 files.log_metrics(metrics)
                 if step % tc.log_every == 0 or step == spec.total_steps or stop:
                     extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
-                    print(f"[train] step {step}/{spec.total_steps} loss {stats['loss']:.4f}{extra} "
-                          f"lr {lr:.2e} grad_norm {gnorm:.3f} tok/s {metrics['tokens_per_s']:.0f}", flush=True)
+                    _say(f"[train] step {step}/{spec.total_steps} loss {stats['loss']:.4f}{extra} "
+                         f"lr {lr:.2e} grad_norm {gnorm:.3f} tok/s {metrics['tokens_per_s']:.0f}")
             is_last = step == spec.total_steps or stop
             want_ckpt = is_last or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
             if want_ckpt:
@@ -338,6 +338,15 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
 
     if rank == 0:
         _save_artifacts(spec, model, notes, last_metrics, time.time() - t_start, state)
+
+
+def _say(msg: str) -> None:
+    """A progress line on the worker's stdout (Ray forwards it to the driver once; Ray Train's
+    patched print() would also log it, so each line would show twice)."""
+    import sys
+
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
 
 
 def _write_worker_info(output_dir: str, rank: int) -> None:

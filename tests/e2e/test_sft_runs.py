@@ -1,0 +1,142 @@
+"""End-to-end SFT runs of the tiny config on local Ray (CPU): the acceptance command, exact resume
+after the driver is killed, and a Ray Train worker killed mid-run (restart from the checkpoint).
+
+All three runs use the same config, so the uninterrupted run is the baseline of the other two.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "jobs", "configs", "tiny-sft.yaml")
+STEPS = 40
+ARGS = [f"max_steps={STEPS}", "trainer.checkpoint_every=10", "trainer.eval_every=20"]
+
+pytestmark = pytest.mark.e2e
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["RAY_TRAIN_V2_ENABLED"] = "1"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def _run_cli(out_dir, extra=(), timeout=600):
+    cmd = [sys.executable, "-m", "jobs.cli", "sft", CONFIG, f"output_dir={out_dir}", *ARGS, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft-baseline"))
+    proc = _run_cli(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_acceptance_loss_drops_30pct_and_saves_models(baseline):
+    steps, losses = _losses(baseline)
+    assert steps == list(range(1, STEPS + 1))
+    assert losses[-1] <= 0.7 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert os.path.exists(os.path.join(baseline, "adapter", "adapter_model.safetensors"))
+    assert os.path.exists(os.path.join(baseline, "config.yaml"))
+    summary = json.load(open(os.path.join(baseline, "summary.json")))
+    assert summary["last_loss"] == pytest.approx(losses[-1])
+
+    # the merged model gives the same logits as base + adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jobs.config import load
+    from jobs.sft import SFTJobConfig, model_vocab_size
+    from kernels.model import build_model
+    from kernels.tokenizer import load_tokenizer
+
+    cfg = load(SFTJobConfig, CONFIG, [f"output_dir={baseline}", *ARGS])
+    tok = load_tokenizer(os.path.join(baseline, "tokenizer"))
+    base = build_model(cfg.model, vocab_size=model_vocab_size(cfg, len(tok)), seed=cfg.seed)
+    with_adapter = PeftModel.from_pretrained(base, os.path.join(baseline, "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(baseline, "merged"), dtype=torch.float32).eval()
+    ids = torch.tensor([tok("Ava has 3 apples. How many?")["input_ids"]])
+    with torch.no_grad():
+        a = with_adapter(input_ids=ids).logits
+        b = merged(input_ids=ids).logits
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # fp32; merge reorders one matmul
+
+
+def test_resume_after_kill_continues_with_the_same_losses(baseline, tmp_path):
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "jobs.cli", "sft", CONFIG, f"output_dir={out}", *ARGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    from cluster.checkpoint import latest_checkpoint, read_state
+
+    killed_at = None
+    deadline = time.time() + 500
+    while time.time() < deadline and proc.poll() is None:
+        ck = latest_checkpoint(os.path.join(out, "checkpoints"))
+        if ck and 10 <= read_state(ck)["step"] < STEPS:
+            killed_at = read_state(ck)["step"]
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray go down together
+            break
+        time.sleep(0.5)
+    proc.wait(timeout=60)
+    assert killed_at is not None, "the run finished or stalled before a checkpoint could be interrupted"
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # leftovers of the killed local Ray
+
+    again = _run_cli(out)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from step" in again.stdout + again.stderr
+    steps, losses = _losses(out)
+    base_steps, base_losses = _losses(baseline)
+    assert steps == base_steps  # no lost or repeated step
+    # same data order, same RNG state: equal up to float summation noise across processes
+    assert losses == pytest.approx(base_losses, rel=1e-4, abs=1e-5)
+
+
+def test_worker_killed_mid_run_restarts_from_checkpoint(baseline, tmp_path):
+    out = str(tmp_path / "worker-killed")
+    result = {}
+
+    def run():
+        result["proc"] = _run_cli(out, extra=["trainer.max_failures=1"])
+
+    t = threading.Thread(target=run)
+    t.start()
+    info = os.path.join(out, "workers", "rank1.json")
+    killed = False
+    deadline = time.time() + 500
+    while time.time() < deadline and t.is_alive():
+        if os.path.exists(info) and os.path.exists(os.path.join(out, "metrics.jsonl")):
+            steps, _ = _losses(out)
+            if steps and steps[-1] >= 12:
+                pid = json.load(open(info))["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.3)
+    t.join(timeout=600)
+    assert killed, "could not kill a worker mid-run"
+    proc = result["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps, losses = _losses(out)
+    assert steps == list(range(1, STEPS + 1))
+    _, base_losses = _losses(baseline)
+    assert losses == pytest.approx(base_losses, rel=1e-4, abs=1e-5)
