@@ -159,12 +159,13 @@ def _build_for_training(spec: TrainSpec, device):
         if spec.model.finetune == "lora" and device.type == "cuda" and spec.model.dtype == "auto":
             model.to(torch.bfloat16)
     model = add_lora(model, spec.model)
-    if spec.kernels is not None and getattr(spec.kernels, "enabled", False):
+    if spec.kernels is not None:
         from kernels.patch import patch_model
 
+        # also with enabled=false: the config is recorded so the loss takes the plain path
         patch_model(model, spec.kernels)
-        notes["kernels"] = "patched"
-        if spec.model.finetune != "full":
+        notes["kernels"] = "patched" if spec.kernels.enabled else "off"
+        if spec.kernels.enabled and spec.model.finetune != "full":
             from kernels.fused_lora import apply_fused_lora
 
             notes["fused_lora_blocks"] = apply_fused_lora(model, mode=spec.kernels.mode)
@@ -377,12 +378,11 @@ def _save_artifacts(spec: TrainSpec, model, notes: dict, last: dict, seconds: fl
     from kernels.tokenizer import load_tokenizer
 
     files = RunFiles(spec.output_dir)
-    if spec.kernels is not None and getattr(spec.kernels, "enabled", False):
+    if spec.kernels is not None:
         from kernels.fused_lora import remove_fused_lora
-
-        remove_fused_lora(model)
         from kernels.patch import unpatch_model
 
+        remove_fused_lora(model)
         unpatch_model(model)
     tok = load_tokenizer(spec.tokenizer_dir)
     out = {}
