@@ -86,6 +86,9 @@ class TrainConfig:
                      "max_failures", "embedding_lr", "weight_decay", "max_grad_norm"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.strategy == "deepspeed":
+            raise ValueError("trainer.strategy: 'deepspeed' is not available in this version (ZeRO-2/3 "
+                             "support is planned); use 'ddp'")
         if self.zero_stage not in (2, 3):
             raise ValueError(f"trainer.zero_stage: expected 2 or 3, got {self.zero_stage}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
