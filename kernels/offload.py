@@ -14,10 +14,18 @@ n_layers x B x T x H to about two layers' worth; the copies overlap with compute
 How it plugs in: Hugging Face decoder layers (GradientCheckpointingLayer) call
 `self._gradient_checkpointing_func(layer_call, hidden_states)` when checkpointing is on; we
 install our function there. It is a reentrant-style autograd function: its forward runs the layer
-under no_grad, its backward re-runs the layer with grad and back-propagates through it. A
+keeping nothing for backward, its backward re-runs the layer with grad and back-propagates through it. A
 constant leaf that requires grad is passed in so the node is always part of the graph even when
 the layer input does not require grad (frozen embeddings under LoRA) - otherwise the adapters of
 the first layer would get no gradient. RNG and autocast state are restored for the recompute.
+
+The forward runs the layer in the same grad mode as the recompute (grad enabled, the input
+requiring grad exactly when it will in the backward), with every tensor autograd would save dropped
+as it is packed: nothing is kept, but the kernels are the ones the recompute will run. Under
+no_grad some kernels are chosen differently (SDPA on cuDNN builds its inference graph, without
+softmax statistics, when no input requires grad), so the output handed to the next layer would not
+be the one the backward differentiates - a bf16-rounding mismatch at every layer that plain
+(non-reentrant) checkpointing, whose forward runs with grad, does not have.
 
 On CPU tensors the "offload" is a plain copy (no streams, no pinning), so the same code path,
 bookkeeping included, runs in CPU tests. With DDP, use static_graph=True (reentrant backward).
@@ -109,6 +117,22 @@ class Offloader:
         return saved
 
 
+def _drop_saved(t: torch.Tensor) -> None:
+    return None  # the forward's graph is thrown away: keep none of the tensors it would save
+
+
+def _never_unpacked(_) -> torch.Tensor:
+    raise RuntimeError("offloaded checkpoint: the forward's own graph was used for backward (internal error)")
+
+
+def _detached(out):
+    if torch.is_tensor(out):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(_detached(o) for o in out)
+    return out
+
+
 def _autocast_state(device_type: str):
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -125,8 +149,12 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        with torch.no_grad():
-            out = run_fn(hidden, *rest)
+        # grad mode and requires_grad as in the recompute (see the module docstring); the graph this
+        # builds holds no tensors and dies with `out`'s detach
+        x = hidden.detach().requires_grad_(hidden.requires_grad)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_saved, _never_unpacked):
+            out = _detached(run_fn(x, *rest))
+        del x
         ctx.saved = offloader.save(hidden)
         ctx.hidden_dtype = hidden.dtype
         return out

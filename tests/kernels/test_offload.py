@@ -104,6 +104,33 @@ def test_offload_restores_rng_for_dropout():
     _same(_grads(model, ids, seed=5), plain)  # recompute must see the forward's dropout masks
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_forward_runs_in_the_recomputes_grad_mode(finetune, monkeypatch):
+    """Kernels may be chosen by grad mode / requires_grad (SDPA on cuDNN: inference graph without
+    softmax statistics when nothing requires grad). The offloaded forward must see what plain
+    checkpointing's forward and the recompute see, so that the output passed on is the one the
+    backward differentiates."""
+    model = _model(finetune)
+    ids = torch.randint(0, 211, (2, 7), generator=torch.Generator().manual_seed(0))
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((torch.is_grad_enabled(), q.requires_grad, k.requires_grad, v.requires_grad))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    _hf_checkpointing(model, True)
+    plain = _grads(model, ids)
+    _hf_checkpointing(model, False)
+    plain_seen, seen[:] = list(seen), []
+    off.enable_offloaded_checkpointing(model)
+    offloaded = _grads(model, ids)
+    assert len(seen) == 2 * 3 and len(set(seen)) == 1, seen  # 3 forwards + 3 recomputes, all alike
+    assert set(seen) == set(plain_seen) == {(True, True, True, True)}
+    _same(offloaded, plain)
+
+
 def test_on_gpu_variant_and_no_grad_and_eval():
     model = _model()
     ids = torch.randint(0, 211, (1, 9))
@@ -148,10 +175,17 @@ def test_second_backward_through_same_graph_is_refused():
 
 # ---- GPU ----------------------------------------------------------------------------------------
 
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
 @pytest.mark.gpu
 def test_gpu_offload_matches_and_frees_memory():
-    """llama-3.2-1b widths, 8 layers, seq 4096: bf16 gradients match plain checkpointing, and the
-    peak drops by at least half of the (layers - 2) saved inputs that now live on the CPU."""
+    """llama-3.2-1b widths, 8 layers, seq 4096: the offloaded forward is plain checkpointing's forward,
+    its bf16 gradients are as close to the fp32 truth as plain checkpointing's, and the peak drops by
+    at least half of the (layers - 2) saved inputs that now live on the CPU."""
+    import copy
+
     from kernels.fused_lora import apply_fused_lora
 
     cfg = ModelConfig(preset="llama-3.2-1b", dtype="bfloat16", lora=LoraConfig(r=16, alpha=32),
@@ -167,28 +201,53 @@ def test_gpu_offload_matches_and_frees_memory():
     B, T, H = 2, 4096, model.config.hidden_size
     ids = torch.randint(0, 2048, (B, T), device="cuda")
 
-    def run():
-        model.zero_grad(set_to_none=True)
+    def run(m):
+        m.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        hidden = model.get_base_model().model(input_ids=ids).last_hidden_state
+        hidden = m.get_base_model().model(input_ids=ids).last_hidden_state
         hidden.float().pow(2).mean().backward()
         torch.cuda.synchronize()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-        return torch.cuda.max_memory_allocated() - base, grads
+        peak = torch.cuda.max_memory_allocated() - base
+        grads = {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+        m.zero_grad(set_to_none=True)
+        return peak, grads, hidden.detach().float()
 
     _hf_checkpointing(model, True)
-    run()
-    peak_plain, g_plain = run()
+    run(model)
+    peak_plain, g_plain, h_plain = run(model)
     _hf_checkpointing(model, False)
     off.enable_offloaded_checkpointing(model)
-    run()
-    peak_off, g_off = run()
+    run(model)
+    peak_off, g_off, h_off = run(model)
+    off.disable_offloaded_checkpointing(model)
+    # the truth: the same model in fp32 (weights upcast, so identical maths), plain checkpointing
+    ref_model = copy.deepcopy(model).float()
+    _hf_checkpointing(ref_model, True)
+    _, g_ref, h_ref = run(ref_model)
+    del ref_model
+    torch.cuda.empty_cache()
+
     layer_input = B * T * H * 2
     print(f"peak: plain checkpointing {peak_plain / 2**20:.0f} MiB, offloaded {peak_off / 2**20:.0f} MiB, "
           f"one layer input {layer_input / 2**20:.0f} MiB")
     assert peak_plain - peak_off > 0.5 * (8 - 2) * layer_input
-    for k in g_plain:  # bf16 recompute of the same kernels: identical up to reduction order
-        err = ((g_off[k] - g_plain[k]).norm() / g_plain[k].norm().clamp_min(1e-12)).item()
-        assert err < 1e-2, (k, err)
+    # forward: the same kernels in the same grad mode on the same inputs (the CPU round trip of a
+    # bf16 tensor is exact), so 0 is expected; a layer run by another kernel (e.g. cuDNN attention's
+    # inference graph under no_grad) shows up as bf16 roundings (2**-9 relative) compounding over 8 layers
+    e_h = _rel_err(h_off, h_plain)
+    print(f"final hidden: offloaded vs plain {e_h:.2e}; bf16 vs fp32 {_rel_err(h_plain, h_ref):.2e}")
+    assert e_h < 1e-3, e_h
+    # gradients: neither bf16 path is the truth; both are measured against fp32. They run the same
+    # kernels, so they differ only by the run-to-run order of attention backward's dQ accumulation
+    # (atomics, fp32), which is independent of, and far below, the bf16 rounding error e_plain; such
+    # noise d adds in quadrature, sqrt(e^2 + d^2) <= 1.5 e + 5e-3 for any d up to ~e. A wrong or stale
+    # saved input, or a copy read before it landed, moves a gradient by O(1).
+    assert g_off.keys() == g_plain.keys() == g_ref.keys() and g_ref
+    worst = []
+    for k in g_ref:
+        e_off, e_plain = _rel_err(g_off[k], g_ref[k]), _rel_err(g_plain[k], g_ref[k])
+        worst.append((e_off - 1.5 * e_plain, k, e_off, e_plain))
+        assert e_off <= 1.5 * e_plain + 5e-3, (k, e_off, e_plain, _rel_err(g_off[k], g_plain[k]))
+    print("closest to the bound:", max(worst))
