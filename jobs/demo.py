@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     here = os.path.dirname(os.path.abspath(__file__))
     sft_cfg = load(SFTJobConfig, os.path.join(here, "configs", "tiny-sft.yaml"),
-                   [f"output_dir={out}/sft", "eval_accuracy.enabled=true", "trainer.num_workers=2"])
+                   [f"output_dir={out}/sft", "eval_accuracy.enabled=true", "trainer.num_workers=2",
+                    "max_steps=120", "trainer.eval_every=40", "trainer.checkpoint_every=40"])
     print(f"[demo] 1/3 SFT -> {sft_cfg.output_dir}", flush=True)
     sft = run_sft(sft_cfg)
     lines = [f"SFT   loss {sft['first_loss']:.3f} -> {sft['last_loss']:.3f}; "
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.grpo import demo_grpo
 
         print(f"[demo] 2/3 GRPO -> {out}/grpo", flush=True)
-        g = demo_grpo(sft_cfg.output_dir, f"{out}/grpo")
+        g = demo_grpo(sft_cfg.output_dir, f"{out}/grpo", ["max_steps=20", "checkpoint_every=10"])
         lines.append(f"GRPO  exact match {g['eval_accuracy_start']:.1%} -> {g['eval_accuracy_end']:.1%}; "
                      f"reward {g.get('reward_first', float('nan')):.3f} -> {g.get('reward_last', float('nan')):.3f}")
         runs.append(f"{out}/grpo")

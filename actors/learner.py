@@ -1,0 +1,598 @@
+"""The GRPO learner: policy/reference logprobs (chunked), the GRPO loss, optimizer steps, weights out.
+
+    learner = Learner(model_cfg, grpo_cfg, logprob_temperature=1.0)   # ray.remote(...) in cluster/
+    metrics = learner.update(batch)        # batch: make_batch(samples, advantages)
+    state = learner.state_for_sync("merged")   # or "adapter"
+    learner.save(dir); learner.load(dir)
+
+Logprobs never build the [B, T, V] logits tensor: the decoder's hidden states of completion
+positions only are gathered to [N, H], then the head runs on `logprob_chunk_size` rows at a time,
+each chunk under activation checkpointing (its [chunk, V] logits are recomputed in backward instead
+of being kept), giving log_softmax(logits / temperature)[target] and the entropy.
+
+Reference logprobs: LoRA -> the same model inside PEFT's `disable_adapter()` (no second copy);
+full fine-tuning -> a frozen copy made at start. Only computed when kl_coef > 0 or log_kl is on.
+
+Several learners form one torch.distributed group (gloo on CPU, NCCL on GPU); each takes a shard of
+every minibatch and gradients are summed with an explicit all-reduce (the DDP maths, without
+DDP's wrapper, because the forward is not a plain `model(...)` call). Loss normalisers (tokens,
+sequences) are global across micro-batches and ranks, so the result does not depend on the split.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from actors import grpo_math as gm
+from kernels.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """The GRPO algorithm and the learner's optimisation.
+
+    prompts_per_step: prompts whose groups make one training batch (after dynamic sampling).
+    adv_estimator: grpo | grpo_no_std | rloo (actors/grpo_math.py registry).
+    policy_loss: clip (token ratio, PPO/GRPO/DAPO) | gspo (sequence ratio) | reinforce (no clip).
+    loss_agg: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO).
+    eps_low / eps_high: clip range [1 - eps_low, 1 + eps_high].
+    kl_coef / kl_estimator: KL(pi || ref) penalty in the loss (0 = none) and its estimator k1|k2|k3.
+    log_kl: compute the reference logprobs to report KL even when kl_coef is 0.
+    lr, weight_decay, betas, warmup_steps, max_grad_norm: AdamW, linear warmup then constant.
+    ppo_epochs / num_minibatches: optimizer steps per batch = ppo_epochs * num_minibatches.
+    micro_batch_size: sequences per forward/backward (gradient accumulation within a minibatch).
+    logprob_chunk_size: rows of hidden states per lm_head chunk.
+    old_logprobs: learner (recompute with the pre-update policy) | rollout (the engine's logprobs:
+      true behaviour policy, includes train/inference mismatch).
+    max_len_norm: the constant of seq-mean-token-sum-norm (0 = rollout.max_tokens).
+    dynamic_sampling / max_refill_rounds: drop zero-variance groups and sample up to this many
+      extra rounds of prompts to refill the batch (DAPO).
+    async_mode: off | one_step (rollout of step k+1 overlaps the update of step k).
+    num_learners, num_cpus, num_gpus: learner actors and their resources.
+    """
+
+    prompts_per_step: int = 16
+    adv_estimator: str = "grpo"
+    policy_loss: str = "clip"
+    loss_agg: str = "token-mean"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    log_kl: bool = True
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    ppo_epochs: int = 1
+    num_minibatches: int = 1
+    micro_batch_size: int = 16
+    logprob_chunk_size: int = 1024
+    old_logprobs: Literal["learner", "rollout"] = "learner"
+    max_len_norm: int = 0
+    dynamic_sampling: bool = True
+    max_refill_rounds: int = 2
+    async_mode: Literal["off", "one_step"] = "off"
+    num_learners: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self):
+        for key, table in (("adv_estimator", gm.ADV_ESTIMATORS), ("policy_loss", gm.POLICY_LOSSES),
+                           ("loss_agg", gm.LOSS_AGGS), ("kl_estimator", gm.KL_ESTIMATORS)):
+            if getattr(self, key) not in table:
+                raise ValueError(f"grpo.{key}: unknown {getattr(self, key)!r}; accepted: {', '.join(sorted(table))}")
+        positive = ("prompts_per_step", "ppo_epochs", "num_minibatches", "micro_batch_size",
+                    "logprob_chunk_size", "num_learners")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"grpo.{key}: must be >= 1, got {getattr(self, key)}")
+        if not (0 <= self.eps_low < 1) or self.eps_high < 0:
+            raise ValueError(f"grpo.eps_low/eps_high: need 0 <= eps_low < 1 and eps_high >= 0, "
+                             f"got {self.eps_low}, {self.eps_high}")
+        if self.kl_coef < 0:
+            raise ValueError(f"grpo.kl_coef: must be >= 0, got {self.kl_coef}")
+        if self.lr <= 0:
+            raise ValueError(f"grpo.lr: must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"grpo.betas: expected two numbers, got {self.betas}")
+        if self.max_grad_norm < 0 or self.warmup_steps < 0 or self.max_len_norm < 0 or self.max_refill_rounds < 0:
+            raise ValueError("grpo.max_grad_norm, warmup_steps, max_len_norm, max_refill_rounds: must be >= 0")
+        if self.num_minibatches > self.prompts_per_step:
+            raise ValueError(f"grpo.num_minibatches ({self.num_minibatches}) cannot exceed "
+                             f"grpo.prompts_per_step ({self.prompts_per_step})")
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.kl_coef > 0 or self.log_kl
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: python lists in (cheap through the object store), padded tensors out.
+# ----------------------------------------------------------------------------------------------
+
+def make_batch(samples: list, advantages: list[float]) -> dict:
+    """Samples (actors.rollout.Sample) + one advantage each -> the learner's batch dict."""
+    if len(samples) != len(advantages):
+        raise ValueError(f"make_batch: {len(samples)} samples but {len(advantages)} advantages")
+    return {
+        "prompt_ids": [list(s.prompt_token_ids) for s in samples],
+        "completion_ids": [list(s.completion_token_ids) for s in samples],
+        "rollout_logprobs": [list(s.logprobs) for s in samples],
+        "advantages": [float(a) for a in advantages],
+    }
+
+
+def batch_size(batch: dict) -> int:
+    return len(batch["advantages"])
+
+
+def select(batch: dict, idx: list[int]) -> dict:
+    return {k: [v[i] for i in idx] for k, v in batch.items()}
+
+
+def shard(batch: dict, rank: int, world_size: int) -> dict:
+    """Rank `rank`'s share: every world_size-th sample (balances long and short completions)."""
+    return select(batch, list(range(rank, batch_size(batch), world_size)))
+
+
+def collate(batch: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded tensors. input_ids [B, L] = prompt + completion; targets of position t is
+    input_ids[t + 1]. mask/old/rollout logprobs are [B, C] over completion positions (C = longest
+    completion), aligned with `completion_index` [B, C] = the position in input_ids that *predicts*
+    completion token c (prompt_len - 1 + c)."""
+    P = [len(p) for p in batch["prompt_ids"]]
+    C = [len(c) for c in batch["completion_ids"]]
+    B, L, Cmax = len(P), max(p + c for p, c in zip(P, C)), max(max(C), 1)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, Cmax)
+    index = torch.zeros(B, Cmax, dtype=torch.long)
+    targets = torch.full((B, Cmax), pad_id, dtype=torch.long)
+    rollout_lp = torch.zeros(B, Cmax)
+    for b, (p, c) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"])):
+        input_ids[b, :len(p)] = torch.tensor(p)
+        if c:
+            input_ids[b, len(p):len(p) + len(c)] = torch.tensor(c)
+            mask[b, :len(c)] = 1.0
+            index[b, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+            targets[b, :len(c)] = torch.tensor(c)
+            rollout_lp[b, :len(c)] = torch.tensor(batch["rollout_logprobs"][b][:len(c)])
+    return {"input_ids": input_ids, "mask": mask, "index": index, "targets": targets,
+            "rollout_logprobs": rollout_lp, "advantages": torch.tensor(batch["advantages"], dtype=torch.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked logprobs.
+# ----------------------------------------------------------------------------------------------
+
+def _head_chunk(head, h: torch.Tensor, t: torch.Tensor, temperature: float, softcap: float | None):
+    logits = head(h).float()                         # [c, H] -> [c, V], fp32 for the softmax
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
+    lse = torch.logsumexp(logits, -1)                 # [c]
+    logp = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():  # entropy is a metric: no graph kept for it
+        p = torch.softmax(logits, -1)
+        ent = lse - (p * logits).sum(-1)
+    return logp, ent
+
+
+def chunked_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float = 1.0,
+                     chunk_size: int = 1024, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, H], targets [N] -> (logprob of each target [N] fp32, entropy [N] fp32, detached).
+
+    With grad enabled each chunk runs under activation checkpointing, so at most one chunk's
+    [chunk, V] logits exist at any time, in forward and in backward.
+    """
+    out_lp, out_ent = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = checkpoint(_head_chunk, head, h, t, temperature, softcap, use_reentrant=False)
+        else:
+            lp, ent = _head_chunk(head, h, t, temperature, softcap)
+        out_lp.append(lp)
+        out_ent.append(ent)
+    if not out_lp:
+        z = hidden.new_zeros(0, dtype=torch.float32)
+        return z, z
+    return torch.cat(out_lp), torch.cat(out_ent)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+                      mask: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs and entropies [B, C] of completion tokens (0 where mask is 0).
+
+    input_ids [B, L] right padded; index/targets/mask [B, C] from `collate`.
+    """
+    from kernels.model import base_model
+
+    m = base_model(model)
+    hidden = m.model(input_ids=input_ids, use_cache=False).last_hidden_state   # [B, L, H]
+    sel = mask.bool()
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1).expand_as(index)
+    h = hidden[rows[sel], index[sel]]                                           # [N, H] completion only
+    lp, ent = chunked_logprobs(h, m.lm_head, targets[sel], temperature, chunk_size,
+                               getattr(m.config, "final_logit_softcapping", None))
+    out_lp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    out_ent = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    out_lp = out_lp.masked_scatter(sel, lp)                                      # [N] -> [B, C]
+    out_ent = out_ent.masked_scatter(sel, ent)
+    return out_lp, out_ent
+
+
+# ----------------------------------------------------------------------------------------------
+# The learner actor.
+# ----------------------------------------------------------------------------------------------
+
+class Learner:
+    """One learner rank. Verbs: update, compute_logprobs, state_for_sync, send_weights, save, load."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: GRPOConfig, *, vocab_size: int | None = None,
+                 logprob_temperature: float = 1.0, max_len_norm: int = 64, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, pad_id: int = 0, num_threads: int = 0):
+        import copy
+
+        from kernels.model import add_lora, build_model
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.rank, self.world_size = rank, world_size
+        self.temperature = logprob_temperature if logprob_temperature > 0 else 1.0
+        self.max_len_norm = cfg.max_len_norm or max_len_norm
+        self.pad_id = pad_id
+        # a Ray actor sees only its own GPU(s): index 0 of CUDA_VISIBLE_DEVICES
+        self.device = (torch.device("cuda", 0) if cfg.num_gpus > 0 and torch.cuda.is_available()
+                       else torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        base = build_model(model_cfg, vocab_size=vocab_size, device=self.device, seed=seed)
+        if model_cfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.is_lora = model_cfg.finetune in ("lora", "qlora")
+        # full fine-tuning: a frozen copy is the reference (LoRA: the adapter is switched off instead)
+        self.ref_model = None
+        if not self.is_lora and cfg.needs_ref:
+            self.ref_model = copy.deepcopy(base).eval().requires_grad_(False)
+        self.model = add_lora(base, model_cfg)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=tuple(cfg.betas))
+        self.step = 0
+        self.group = None  # broadcast WeightGroup (rank 0 only)
+        self._keepalive = None  # tensors whose CUDA IPC handles are out
+
+    # -- distributed ---------------------------------------------------------------------
+
+    def address(self) -> tuple[str, int]:
+        from actors.weight_sync import free_port, node_ip
+
+        return node_ip(), free_port()
+
+    def init_distributed(self, host: str, port: int) -> bool:
+        if self.world_size == 1:
+            return True
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+        # every rank starts from rank 0's weights (LoRA init is random)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
+        return True
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def _all_reduce_grads(self, bucket_bytes: int = 32 << 20) -> None:
+        """Sum gradients over ranks, a flat bucket at a time (DDP's reduction, done explicitly)."""
+        if self.world_size == 1:
+            return
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        bucket, size = [], 0
+        for g in grads + [None]:
+            if g is not None:
+                bucket.append(g)
+                size += g.numel() * g.element_size()
+            if bucket and (g is None or size >= bucket_bytes):
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat)
+                off = 0
+                for b in bucket:
+                    b.copy_(flat[off:off + b.numel()].view_as(b))
+                    off += b.numel()
+                bucket, size = [], 0
+
+    # -- logprobs ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference policy: the frozen copy, or this model with its adapters disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        elif self.is_lora:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            raise RuntimeError("no reference model (full fine-tuning with kl_coef 0 and log_kl off)")
+
+    def _micro_batches(self, batch: dict):
+        n = batch_size(batch)
+        for s in range(0, n, self.cfg.micro_batch_size):
+            idx = list(range(s, min(n, s + self.cfg.micro_batch_size)))
+            t = collate(select(batch, idx), self.pad_id)
+            yield idx, {k: v.to(self.device) for k, v in t.items()}
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict, which: Literal["policy", "reference"] = "policy") -> list[list[float]]:
+        """Per-sample completion logprobs (no grad), for old/ref logprobs and the mismatch check."""
+        out: list[list[float] | None] = [None] * batch_size(batch)
+        was = self.model.training
+        self.model.eval()
+        try:
+            ctx = self._reference() if which == "reference" else contextlib.nullcontext(self.model)
+            with ctx as model:
+                for idx, t in self._micro_batches(batch):
+                    lp, _ = sequence_logprobs(model, t["input_ids"], t["index"], t["targets"], t["mask"],
+                                              self.temperature, self.cfg.logprob_chunk_size)
+                    for r, i in enumerate(idx):
+                        out[i] = lp[r, :int(t["mask"][r].sum())].tolist()
+        finally:
+            self.model.train(was)
+        return out  # type: ignore[return-value]
+
+    # -- update --------------------------------------------------------------------------
+
+    def _lr(self) -> float:
+        w = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (self.step + 1) / w) if w else self.cfg.lr
+
+    def update(self, batch: dict) -> dict:
+        """ppo_epochs x num_minibatches optimizer steps on this rank's shard; metrics averaged over
+        steps (and ranks). `batch` is this rank's shard (LearnerGroup shards the global batch)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        n = batch_size(batch)
+        need_old = cfg.old_logprobs == "learner" and cfg.ppo_epochs * cfg.num_minibatches > 1
+        if need_old:
+            batch = dict(batch, old_logprobs=self.compute_logprobs(batch, "policy"))
+        elif cfg.old_logprobs == "rollout":
+            batch = dict(batch, old_logprobs=batch["rollout_logprobs"])
+        if cfg.needs_ref:
+            batch = dict(batch, ref_logprobs=self.compute_logprobs(batch, "reference"))
+        t_prep = time.perf_counter() - t0
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+
+        def add(k, v, w=1.0):
+            sums[k] = sums.get(k, 0.0) + float(v) * w
+            weights[k] = weights.get(k, 0.0) + w
+
+        gen = torch.Generator().manual_seed(1000 + self.step)
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=gen).tolist() if epoch > 0 else list(range(n))
+            for mb in range(cfg.num_minibatches):
+                idx = perm[mb::cfg.num_minibatches]
+                part = select(batch, idx)
+                stats = self._optimizer_step(part)
+                for k, (v, w) in stats.items():
+                    add(k, v, w)
+        metrics = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
+        if self.world_size > 1:  # mean over ranks
+            keys = sorted(metrics)
+            t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+            self._all_reduce(t)
+            metrics = {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+            metrics["loss"] = metrics.get("loss", 0.0) * self.world_size  # shares of one global loss add up
+        metrics.update({"learner_prep_s": t_prep, "learner_update_s": time.perf_counter() - t0,
+                        "optimizer_steps": self.step, "lr": self._lr()})
+        return metrics
+
+    def _optimizer_step(self, part: dict) -> dict[str, tuple[float, float]]:
+        cfg = self.cfg
+        n_local = batch_size(part)
+        counts = torch.tensor([float(sum(len(c) for c in part["completion_ids"])), float(n_local)],
+                              dtype=torch.float64, device=self.device)
+        self._all_reduce(counts)  # global normalisers: the split over ranks/micro-batches is invisible
+        num_tokens, num_seqs = float(counts[0]), float(counts[1])
+        for g in self.opt.param_groups:
+            g["lr"] = self._lr()
+        self.opt.zero_grad(set_to_none=True)
+        params = gm.LossParams(eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+        stats: dict[str, tuple[float, float]] = {}
+        tok_w_total = 0.0
+        acc: dict[str, float] = {}
+        for idx, t in self._micro_batches(part) if n_local else []:
+            sub = select(part, idx)
+            lp, ent = sequence_logprobs(self.model, t["input_ids"], t["index"], t["targets"], t["mask"],
+                                        self.temperature, cfg.logprob_chunk_size)
+            mask = t["mask"]
+            old = self._padded(sub, "old_logprobs", mask) if "old_logprobs" in sub else lp.detach()
+            ref = self._padded(sub, "ref_logprobs", mask) if "ref_logprobs" in sub else None
+            loss, m = gm.grpo_loss(lp, old, t["advantages"], mask, policy_loss=cfg.policy_loss,
+                                   params=params, ref_logp=ref, kl_coef=cfg.kl_coef,
+                                   kl_estimator=cfg.kl_estimator, loss_agg=cfg.loss_agg,
+                                   num_tokens=num_tokens, num_seqs=num_seqs, max_len=self.max_len_norm)
+            loss.backward()
+            w = float(mask.sum())
+            tok_w_total += w
+            m["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
+            m["mismatch_kl"] = gm.kl_k3(t["rollout_logprobs"], lp.detach()).mul(mask).sum() / mask.sum().clamp(min=1)
+            for k, v in m.items():
+                if k != "policy_loss":
+                    acc[k] = acc.get(k, 0.0) + float(v) * w
+            acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
+        self._all_reduce_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        self.opt.step()
+        self.step += 1
+        for k, v in acc.items():
+            if k == "loss":
+                stats[k] = (v, 1.0)  # already globally normalised: the sum is this rank's share
+            else:
+                stats[k] = (v / max(tok_w_total, 1e-12), tok_w_total)
+        stats["grad_norm"] = (float(grad_norm), 1.0)
+        return stats
+
+    def _padded(self, sub: dict, key: str, mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(mask.shape, dtype=torch.float32)
+        for b, row in enumerate(sub[key]):
+            out[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        return out.to(mask.device)
+
+    # -- weights out ---------------------------------------------------------------------
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def merged_state(self, dtype: torch.dtype | None = None, only_changed: bool = True) -> dict[str, torch.Tensor]:
+        """Weights under the names of the plain HF model, LoRA folded in (W + scale * B @ A).
+
+        only_changed: LoRA -> just the adapted layers (and modules_to_save); full -> everything.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        from kernels.model import base_model
+
+        if not self.is_lora:
+            return {k: (v.detach().to(dtype) if dtype else v.detach()) for k, v in self.model.state_dict().items()}
+        out: dict[str, torch.Tensor] = {}
+        inner = base_model(self.model)
+        for name, module in inner.named_modules():
+            if isinstance(module, LoraLayer):
+                w = module.get_base_layer().weight
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+                out[f"{name}.weight"] = (w + delta).to(dtype or w.dtype)
+        trained = {k for k, p in inner.named_parameters() if p.requires_grad and ".lora_" not in k}
+        for raw, k, v in self._plain_state(inner):
+            # modules_to_save (trainable embeddings / head) changed too; the rest only if asked
+            if raw in trained or (not only_changed and k not in out):
+                out[k] = v.to(dtype) if dtype else v
+        return out
+
+    @staticmethod
+    def _plain_state(inner) -> list[tuple[str, str, torch.Tensor]]:
+        """(PEFT name, plain HF name, tensor) of the inner model, without lora_* / original_module."""
+        out = []
+        for k, v in inner.state_dict(keep_vars=True).items():
+            if ".lora_" in k or "original_module" in k:
+                continue
+            out.append((k, k.replace(".base_layer", "").replace(".modules_to_save.default", ""), v.detach()))
+        return out
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def state_for_sync(self, kind: Literal["merged", "adapter"] = "merged", dtype: str | None = None,
+                       transport: Literal["object_store", "ipc"] = "object_store", full: bool = False) -> dict:
+        """Weights for the rollout engines: merged HF-named tensors, or PEFT adapter tensors.
+
+        object_store -> CPU tensors; ipc -> CUDA IPC handles (kept alive until the next call).
+        full: every tensor even when only LoRA layers changed (an engine that dropped its weights).
+        """
+        if kind == "adapter":
+            if not self.is_lora:
+                raise ValueError("rollout.sync: adapter needs model.finetune lora/qlora")
+            return self.adapter_state()
+        state = self.merged_state(getattr(torch, dtype) if dtype else None, only_changed=not full)
+        if transport == "ipc":
+            from actors.weight_sync import export_ipc
+
+            self._keepalive = {k: v.contiguous() for k, v in state.items()}
+            return export_ipc(self._keepalive)
+        return {k: v.cpu().contiguous() for k, v in state.items()}
+
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> bool:
+        from actors.weight_sync import WeightGroup
+
+        self.group = WeightGroup(host, port, 0, world_size, backend)
+        return True
+
+    def send_weights(self, dtype: str | None = None, full: bool = False) -> dict:
+        """Broadcast merged weights to the rollout workers (which run receive_weights at the same time)."""
+        if self.group is None:
+            raise RuntimeError("send_weights: call init_weight_group first")
+        t0 = time.perf_counter()
+        state = self.merged_state(getattr(torch, dtype) if dtype else None, only_changed=not full)
+        sent = self.group.send_state(state)
+        return {"bytes": sent, "seconds": time.perf_counter() - t0}
+
+    def weight_checksum(self, names: list[str]) -> dict[str, float]:
+        """Sum of each merged weight (tests compare it with the rollout engine's)."""
+        state = self.merged_state(only_changed=False)
+        return {n: float(state[n].float().sum()) for n in names if n in state}
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def save(self, path: str) -> str:
+        """Trainable tensors + optimizer + step (rank 0 writes; all ranks hold the same state)."""
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+            tmp = os.path.join(path, "learner.pt.tmp")
+            torch.save({"trainable": trainable, "optimizer": self.opt.state_dict(), "step": self.step}, tmp)
+            os.replace(tmp, os.path.join(path, "learner.pt"))
+        return path
+
+    def load(self, path: str) -> int:
+        state = torch.load(os.path.join(path, "learner.pt"), map_location=self.device, weights_only=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                params[n].copy_(v.to(params[n].device, params[n].dtype))
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        return self.step
+
+    def save_merged(self, path: str, tokenizer_dir: str | None = None) -> str:
+        """A merged model folder (for evaluation and serving), float32 on CPU runs."""
+        from kernels.model import save_merged
+        from kernels.tokenizer import load_tokenizer
+
+        if self.rank != 0:
+            return path
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        return save_merged(self.model, path, tokenizer=tok, dtype=dtype)
+
+    def save_adapter(self, path: str) -> str:
+        from kernels.model import save_adapter
+
+        if self.rank == 0 and self.is_lora:
+            save_adapter(self.model, path)
+        return path
+
+    def num_parameters(self) -> dict:
+        from kernels.model import count_parameters
+
+        return count_parameters(self.model)
+
+
+def logprob_mismatch(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
+    """Max and mean |a - b| over all tokens of two per-sample logprob lists."""
+    diffs = [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    if not diffs:
+        return {"max_abs": 0.0, "mean_abs": 0.0, "tokens": 0}
+    return {"max_abs": max(diffs), "mean_abs": sum(diffs) / len(diffs), "tokens": len(diffs)}
+

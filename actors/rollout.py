@@ -1,0 +1,350 @@
+"""Rollout: sample completions with per-token logprobs; receive new weights from the learner.
+
+    worker = RolloutWorker(model_cfg, rollout_cfg, tokenizer_dir)       # ray.remote(...) in cluster/
+    groups = worker.generate(prompts, n=8, temperature=1.0, max_tokens=64, seed=0)
+    s = groups[0][0]; s.prompt_token_ids, s.completion_token_ids, s.logprobs, s.text, s.finish_reason
+    worker.update_weights({name: tensor})        # merged weights (full names of the HF model)
+    worker.load_adapter(adapter_state, lora_cfg)  # LoRA adapter-only sync
+
+Backends: `hf` (transformers `generate`, CPU and tests; this file) and `vllm` (GPU;
+actors/rollout_vllm.py, imported lazily). Prompts are plain strings or chat message lists (rendered
+with the tokenizer's chat template and a generation prompt, like SFT and evaluation).
+
+Logprob convention (both backends, and what the learner recomputes): the log-probability of the
+sampled token under softmax(logits / temperature) over the full vocabulary (temperature 0 -> 1),
+i.e. before top-p truncation. With top_p = 1 this is exactly the sampling distribution.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from kernels.model import LoraConfig, ModelConfig
+
+Prompt = str | list[dict]
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Rollout engines and sampling.
+
+    backend: hf (transformers generate; CPU) | vllm (GPU).
+    num_workers: rollout actors (each holds a full copy of the model); prompts are split among them.
+    n: samples per prompt (the GRPO group size). temperature, top_p, max_tokens, stop: sampling.
+    batch_size: hf only: prompts per generate call (each expands to n rows).
+    num_cpus / num_gpus: resources of each worker (vllm colocated: a fraction, e.g. 0.5).
+    placement: colocated (rollout i shares GPU i with learner i; vLLM sleeps during the update) |
+      separate (rollouts on their own GPUs).
+    sync: merged (full weights; LoRA merged on the learner) | adapter (LoRA tensors only; the engine
+      applies the adapter) .
+    transport: auto (object_store on CPU, ipc when colocated on GPU, broadcast when separate) |
+      object_store | ipc | broadcast.
+    gpu_memory_utilization, enforce_eager, max_model_len, sleep_level: vLLM engine settings.
+    ignore_eos: generate exactly max_tokens tokens (benchmarks, fixed-length tests).
+    """
+
+    backend: Literal["hf", "vllm"] = "hf"
+    num_workers: int = 1
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    placement: Literal["colocated", "separate"] = "colocated"
+    sync: Literal["merged", "adapter"] = "merged"
+    transport: Literal["auto", "object_store", "ipc", "broadcast"] = "auto"
+    gpu_memory_utilization: float = 0.4
+    enforce_eager: bool = True
+    max_model_len: int = 2048
+    sleep_level: int = 1
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"rollout.num_workers: must be >= 1, got {self.num_workers}")
+        if self.n < 1:
+            raise ValueError(f"rollout.n: must be >= 1 (samples per prompt), got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature: must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"rollout.max_tokens: must be >= 1, got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"rollout.batch_size: must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"rollout.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.sleep_level not in (0, 1, 2):
+            raise ValueError(f"rollout.sleep_level: expected 0 (never sleep), 1 or 2, got {self.sleep_level}")
+        if self.backend == "hf" and self.transport == "ipc":
+            raise ValueError("rollout.transport: ipc needs the vllm backend on a GPU")
+
+    def resolved_transport(self) -> str:
+        if self.transport != "auto":
+            return self.transport
+        if self.backend == "hf" or self.num_gpus == 0:
+            return "object_store"
+        return "ipc" if self.placement == "colocated" else "broadcast"
+
+
+@dataclass
+class Sample:
+    """One completion. logprobs[i] belongs to completion_token_ids[i] (see the module doc)."""
+
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" (eos or a stop string) | "length"
+    weights_version: int = 0
+
+
+def render(tokenizer, prompt: Prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt; chat prompts carry their own special tokens."""
+    return [tokenizer(render(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"] for p in prompts]
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in ([extra] if isinstance(extra, int) else (extra or [])):
+        if int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """Text of completion ids (ids outside the tokenizer, possible with padded vocabularies, dropped)."""
+    vocab = len(tokenizer)
+    return tokenizer.decode([i for i in ids if i < vocab], skip_special_tokens=True)
+
+
+def trim_completion(tokenizer, ids: list[int], logprobs: list[float], eos: set[int],
+                    stop: list[str]) -> tuple[list[int], list[float], str, str]:
+    """Cut at the first eos (kept: the model learns to stop) or the first stop string.
+
+    Returns (ids, logprobs, text, finish_reason); the text excludes the eos and the stop string.
+    """
+    finish = "length"
+    for j, t in enumerate(ids):
+        if t in eos:
+            ids, logprobs, finish = ids[:j + 1], logprobs[:j + 1], "stop"
+            break
+    text = decode(tokenizer, [t for t in ids if t not in eos])
+    if stop:
+        hits = [(text.find(s), s) for s in stop if s in text]
+        if hits:
+            text = text[:min(hits)[0]]
+            finish = "stop"
+            for j in range(1, len(ids) + 1):  # shortest prefix whose text reaches the stop string
+                if any(s in decode(tokenizer, ids[:j]) for s in stop):
+                    ids, logprobs = ids[:j], logprobs[:j]
+                    break
+    return ids, logprobs, text, finish
+
+
+class HFEngine:
+    """transformers generate with per-token logprobs, on CPU (or one GPU)."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, tokenizer, vocab_size: int | None,
+                 seed: int, lora: LoraConfig | None):
+        from kernels.model import build_model
+
+        self.cfg, self.tok = cfg, tokenizer
+        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.model = build_model(model_cfg, vocab_size=vocab_size, device=self.device, seed=seed)
+        self.model.eval()
+        self.model.config.use_cache = True
+        self.lora = lora
+        self.peft = None  # PEFT wrapper, created on the first adapter sync
+
+    @property
+    def active(self):
+        return self.peft if self.peft is not None else self.model
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_tokens: int, stop: list[str], seed: int, ignore_eos: bool
+                 ) -> list[list[tuple[list[int], list[float], str, str]]]:
+        from transformers import GenerationConfig
+
+        eos = eos_ids(self.tok, self.model)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos[0]
+        sample = temperature > 0
+        lp_temp = temperature if sample else 1.0
+        n_run = n if sample else 1  # greedy: one run, copied n times
+        gen = GenerationConfig(
+            max_new_tokens=max_tokens, min_new_tokens=max_tokens if ignore_eos else None,
+            do_sample=sample, num_return_sequences=n_run, temperature=temperature if sample else None,
+            top_p=top_p if sample else None, top_k=0 if sample else None,
+            eos_token_id=None if ignore_eos else (eos or None), pad_token_id=pad, use_cache=True,
+            output_logits=True, return_dict_in_generate=True, stop_strings=stop or None)
+        model = self.active
+        out: list = [None] * len(prompt_ids)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # less padding
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.device == "cuda":
+                torch.cuda.manual_seed(seed)
+            for s in range(0, len(order), self.cfg.batch_size):
+                idx = order[s:s + self.cfg.batch_size]
+                width = max(len(prompt_ids[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                att = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):  # left padding: generation appends on the right
+                    p = prompt_ids[i]
+                    ids[r, width - len(p):] = torch.tensor(p)
+                    att[r, width - len(p):] = 1
+                res = model.generate(input_ids=ids.to(self.device), attention_mask=att.to(self.device),
+                                     generation_config=gen, tokenizer=self.tok if stop else None)
+                new = res.sequences[:, width:]                                       # [B*n_run, L]
+                logits = torch.stack(res.logits, dim=1).float() / lp_temp            # [B*n_run, L, V]
+                lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B*n_run, L]
+                new, lp = new.tolist(), lp.tolist()
+                stop_ids = set() if ignore_eos else set(eos)
+                for r, i in enumerate(idx):
+                    rows = [trim_completion(self.tok, new[k], lp[k], stop_ids, stop)
+                            for k in range(r * n_run, (r + 1) * n_run)]
+                    out[i] = rows if sample else [(list(a), list(b), c, d) for a, b, c, d in rows * n]
+        return out
+
+    def load_state(self, named) -> int:
+        """Copy merged tensors into the model by name; returns how many were loaded."""
+        params = self.model.state_dict(keep_vars=True)  # includes tied names (lm_head.weight)
+        count = 0
+        for name, t in named:
+            if name not in params:
+                raise KeyError(f"weight sync: the rollout model has no tensor {name!r}")
+            params[name].data.copy_(t.to(params[name].device, params[name].dtype))
+            count += 1
+        if self.peft is not None:  # merged weights replace any adapter
+            self.peft = None
+        return count
+
+    def load_adapter(self, state: dict, lora: LoraConfig) -> int:
+        from peft import set_peft_model_state_dict
+
+        from kernels.model import add_lora
+
+        if self.peft is None:
+            self.peft = add_lora(self.model, ModelConfig(preset="tiny", finetune="lora", lora=lora))
+            self.peft.eval()
+        set_peft_model_state_dict(self.peft, state)
+        return len(state)
+
+
+class RolloutWorker:
+    """The rollout actor (wrapped with ray.remote by cluster/grpo_group.py). Thin: a few verbs."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, tokenizer_dir: str,
+                 vocab_size: int | None = None, seed: int = 0, worker_index: int = 0,
+                 lora: LoraConfig | None = None, num_threads: int = 0):
+        from kernels.tokenizer import load_tokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.cfg, self.index = cfg, worker_index
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.version = 0
+        if cfg.backend == "vllm":
+            from actors.rollout_vllm import VLLMEngine
+
+            self.engine = VLLMEngine(model_cfg, cfg, tokenizer_dir, self.tok, seed=seed, lora=lora)
+        else:
+            self.engine = HFEngine(model_cfg, cfg, self.tok, vocab_size, seed, lora)
+        self.group = None  # broadcast WeightGroup (hf backend; vLLM keeps its own in the worker)
+
+    # -- sampling ------------------------------------------------------------------------
+
+    def generate(self, prompts: list[Prompt], n: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, max_tokens: int | None = None, stop: list[str] | None = None,
+                 seed: int = 0) -> list[list[Sample]]:
+        """n samples per prompt, in prompt order: [[Sample] * n] * len(prompts)."""
+        c = self.cfg
+        n = c.n if n is None else n
+        temperature = c.temperature if temperature is None else temperature
+        top_p = c.top_p if top_p is None else top_p
+        max_tokens = c.max_tokens if max_tokens is None else max_tokens
+        stop = list(c.stop if stop is None else stop)
+        prompt_ids = encode_prompts(self.tok, prompts)
+        rows = self.engine.generate(prompt_ids, n, temperature, top_p, max_tokens, stop,
+                                    seed + 1_000_003 * self.index, c.ignore_eos)
+        return [[Sample(p, ids, lps, text, finish, self.version) for ids, lps, text, finish in row]
+                for p, row in zip(prompt_ids, rows)]
+
+    # -- weight sync ---------------------------------------------------------------------
+
+    def update_weights(self, named: dict | list, version: int | None = None) -> dict:
+        """Merged weights by name ({name: tensor} or [(name, tensor)]), through the object store."""
+        t0 = time.perf_counter()
+        items = named.items() if isinstance(named, dict) else named
+        count = self.engine.load_state(items)
+        self.version = self.version + 1 if version is None else version
+        return {"tensors": count, "seconds": time.perf_counter() - t0}
+
+    def update_weights_ipc(self, handles: dict, version: int | None = None) -> dict:
+        """Colocated GPU: rebuild the learner's tensors from CUDA IPC handles and load them."""
+        t0 = time.perf_counter()
+        count = self.engine.load_ipc(handles)
+        self.version = self.version + 1 if version is None else version
+        return {"tensors": count, "seconds": time.perf_counter() - t0}
+
+    def load_adapter(self, state: dict, lora: LoraConfig, version: int | None = None) -> dict:
+        """LoRA adapter-only sync: PEFT-named adapter tensors (get_peft_model_state_dict)."""
+        t0 = time.perf_counter()
+        count = self.engine.load_adapter(state, lora)
+        self.version = self.version + 1 if version is None else version
+        return {"tensors": count, "seconds": time.perf_counter() - t0}
+
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+        """Join the learner's broadcast group (blocks until all ranks join)."""
+        if self.cfg.backend == "vllm":
+            return self.engine.init_weight_group(host, port, rank, world_size, backend)
+        from actors.weight_sync import WeightGroup
+
+        self.group = WeightGroup(host, port, rank, world_size, backend)
+        return True
+
+    def receive_weights(self, version: int | None = None) -> dict:
+        """Receive a broadcast of merged weights from the learner (runs with its send_weights)."""
+        t0 = time.perf_counter()
+        if self.cfg.backend == "vllm":
+            count = self.engine.receive_weights()
+        else:
+            if self.group is None:
+                raise RuntimeError("receive_weights: call init_weight_group first")
+            count = self.engine.load_state(self.group.recv_state())
+        self.version = self.version + 1 if version is None else version
+        return {"tensors": count, "seconds": time.perf_counter() - t0}
+
+    # -- memory (vLLM colocated) ---------------------------------------------------------
+
+    def sleep(self) -> None:
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if hasattr(self.engine, "wake_up"):
+            self.engine.wake_up(tags)
+
+    def weights_version(self) -> int:
+        return self.version
+
+    def weight_checksum(self, names: list[str]) -> dict[str, float]:
+        """Sum of each named parameter (tests: did a sync reach the engine?)."""
+        if hasattr(self.engine, "weight_checksum"):
+            return self.engine.weight_checksum(names)
+        params = dict(self.engine.model.named_parameters())
+        return {n: float(params[n].detach().float().sum()) for n in names if n in params}

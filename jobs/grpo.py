@@ -1,0 +1,642 @@
+"""GRPO on Ray: rollouts -> rewards -> group advantages -> learner update -> weight sync, per step.
+
+What it does, top to bottom (`run_grpo`):
+  1. resolve the config (YAML + dotted overrides), write OUTPUT_DIR/config.yaml, start/join Ray;
+  2. starting point: model.path, or - when it is empty and init.sft_config is set - run the SFT job
+     (jobs.sft.run_sft) into OUTPUT_DIR/sft first (skipped when OUTPUT_DIR/sft/merged exists);
+  3. prompts through Ray Data: the built-in task's train split or a jsonl/json/parquet file with
+     `question` (+ `answer`) or `prompt` (string or chat messages) columns; every other column is
+     handed to the reward functions (e.g. `answer` to math_answer);
+  4. held-out greedy exact-match accuracy of the starting model (cluster.evaluate) -> eval_accuracy_start;
+  5. the actors: rollout workers (HF generate on CPU, vLLM on GPU), learner(s), reward pool, weight sync;
+  6. per step, each phase timed: sample `grpo.prompts_per_step` prompts x `rollout.n` completions;
+     score them (RewardPool); group-normalised advantages; dynamic sampling drops the groups whose
+     rewards are all equal and samples more prompts (up to grpo.max_refill_rounds extra rounds);
+     learner update(s); weights to the rollout engines; a line of OUTPUT_DIR/metrics.jsonl;
+     a checkpoint every `checkpoint_every` steps;
+  7. the final merged model (OUTPUT_DIR/merged, + OUTPUT_DIR/adapter for LoRA), held-out accuracy again
+     -> eval_accuracy_end in OUTPUT_DIR/summary.json.
+
+Launch:
+  posttrain grpo jobs/configs/tiny-grpo.yaml output_dir=runs/grpo          # CPU, ~10 minutes
+  python -m jobs.grpo jobs/configs/gsm8k-grpo.yaml model.path=/models/qwen  # GPU, vLLM rollouts
+  ray job submit --working-dir . -- python -m jobs.grpo jobs/configs/gsm8k-grpo.yaml
+Running it again with the same output_dir resumes from the last checkpoint (resume: auto).
+
+Deviations from the papers (GRPO: Shao et al. 2024; DAPO: Yu et al. 2025; GSPO: Zheng et al. 2025;
+Dr. GRPO: Liu et al. 2025), all deliberate:
+  - The group std is the unbiased (n - 1) one; groups of one sample get advantage 0 instead of NaN.
+  - The KL penalty is off by default (kl_coef 0, as DAPO); the KL to the reference is still
+    measured and logged (log_kl). With kl_coef > 0 it is added per token to the loss, as in GRPO.
+  - The default aggregation is DAPO's token-mean; GRPO's seq-mean-token-mean and Dr. GRPO's
+    seq-mean-token-sum-norm are options (grpo.loss_agg). Dr. GRPO's constant is rollout.max_tokens.
+  - "Old" logprobs are recomputed by the learner only when a batch takes more than one optimizer
+    step; with one step the ratio is exactly 1 and the recompute is skipped (its value is known).
+    grpo.old_logprobs=rollout uses the engine's logprobs instead (the true behaviour policy).
+  - Dynamic sampling (DAPO) is bounded: after max_refill_rounds extra rounds the step trains on
+    the groups it has (possibly fewer than prompts_per_step); a step with none skips the update.
+    DAPO's overlong reward shaping is a reward function (rewards.length:overlong_penalty), not built in.
+  - GSPO is implemented in its GSPO-token form (same value and gradient as the sequence objective
+    for outcome rewards); use it with loss_agg seq-mean-token-mean and small eps (3e-4, 4e-4).
+  - One-step asynchronous mode trains on rollouts made by the weights of one step before; the
+    importance ratio corrects for it only with old_logprobs=rollout (the learner otherwise treats
+    the batch as on-policy, as most one-step-off implementations do).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from actors.learner import GRPOConfig, make_batch
+from actors.rollout import RolloutConfig
+from cluster.run_files import RunFiles
+from jobs.config import ConfigError, dump_yaml, load
+from kernels.model import ModelConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PromptDataConfig:
+    """Where prompts come from.
+
+    path: "builtin" (the built-in arithmetic task's train split) or a .jsonl/.json/.parquet file
+      with `question` or `prompt` columns. system_prompt: a system message before each question
+      (use the SFT run's). builtin_train_size: rows of the built-in train split.
+    """
+
+    path: str = "builtin"
+    system_prompt: str = ""
+    builtin_train_size: int = 2000
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("data.path: empty; expected 'builtin' or a .jsonl/.json/.parquet file")
+        if self.path != "builtin" and not os.path.exists(self.path):
+            raise ValueError(f"data.path: {self.path!r} does not exist (expected 'builtin' or a data file)")
+        if self.builtin_train_size < 1:
+            raise ValueError(f"data.builtin_train_size: must be >= 1, got {self.builtin_train_size}")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward terms (rewards/ registry names or 'module:function', with weight/kwargs/label) and
+    the reward actor pool (actors/reward.py)."""
+
+    functions: list[dict | str] = field(default_factory=lambda: ["math_answer"])
+    num_actors: int = 1
+    timeout_s: float = 30.0
+    failure_reward: float = 0.0
+    batch_size: int = 256
+    num_cpus: float = 0.25
+
+    def specs(self):
+        from rewards.registry import RewardSpec
+
+        return [RewardSpec.from_config(f) for f in self.functions]
+
+    def __post_init__(self):
+        if not self.functions:
+            raise ValueError("reward.functions: name at least one reward (e.g. math_answer)")
+        try:
+            self.specs()
+        except Exception as e:  # noqa: BLE001 - re-raised with the key
+            raise ValueError(f"reward.functions: {e}") from None
+        if self.num_actors < 1:
+            raise ValueError(f"reward.num_actors: must be >= 1, got {self.num_actors}")
+
+
+@dataclass(frozen=True)
+class HeldOutEvalConfig:
+    """Held-out exact-match accuracy at start and end (greedy; cluster/evaluate.py).
+
+    data: "builtin" (the built-in task's held-out split, disjoint from the train prompts) or a file.
+    """
+
+    enabled: bool = True
+    data: str = "builtin"
+    max_problems: int = 200
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    backend: Literal["hf", "vllm"] = "hf"
+
+    def __post_init__(self):
+        if self.max_problems < 0:
+            raise ValueError(f"eval.max_problems: must be >= 0 (0 = all), got {self.max_problems}")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """The starting model when model.path is empty: run this SFT config first (jobs.sft) for
+    sft_steps steps into OUTPUT_DIR/sft, then start GRPO from its merged model."""
+
+    sft_config: str = ""
+    sft_steps: int = 0
+    sft_overrides: list[str] = field(default_factory=list)
+
+    def sft_config_path(self) -> str:
+        if os.path.isabs(self.sft_config) or os.path.exists(self.sft_config):
+            return self.sft_config
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), self.sft_config)
+
+    def __post_init__(self):
+        if self.sft_config and not os.path.isfile(self.sft_config_path()):
+            raise ValueError(f"init.sft_config: {self.sft_config!r} is not a file (relative paths are "
+                             f"looked up in the working directory, then in the project root)")
+        if self.sft_steps < 0:
+            raise ValueError(f"init.sft_steps: must be >= 0, got {self.sft_steps}")
+
+
+@dataclass(frozen=True)
+class GRPOJobConfig:
+    """The whole GRPO job.
+
+    output_dir: everything is written here. max_steps: GRPO steps. seed: sampling and shuffling.
+    resume: auto (continue from the last checkpoint in output_dir) | never.
+    checkpoint_every / keep_checkpoints: learner + controller state every N steps; keep the last K.
+    ray_num_cpus: logical CPUs of a local Ray instance (0 = the machine's, or more if the actors
+      ask for more: phases alternate, so rollout and learner may share cores).
+    num_threads: torch threads in each rollout/learner actor (0 = Ray's default: the actor's CPUs).
+    """
+
+    output_dir: str = "runs/grpo"
+    max_steps: int = 20
+    seed: int = 0
+    resume: Literal["auto", "never"] = "auto"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    ray_num_cpus: int = 0
+    num_threads: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: HeldOutEvalConfig = field(default_factory=HeldOutEvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("output_dir: must be set")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every must be >= 0 (0 = only at the end) and keep_checkpoints >= 1")
+        if self.rollout.n < 2 and self.grpo.adv_estimator != "reinforce":
+            raise ValueError(f"rollout.n: GRPO compares samples within a group; need n >= 2, got {self.rollout.n}")
+        if self.rollout.sync == "adapter" and self.model.finetune == "full":
+            raise ValueError("rollout.sync: adapter needs model.finetune lora (full fine-tuning has no adapter)")
+        if self.rollout.backend == "vllm" and self.rollout.num_gpus == 0:
+            raise ValueError("rollout.backend vllm: set rollout.num_gpus (e.g. 0.5 colocated, 1 separate)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of the controller (no state of their own)
+# ----------------------------------------------------------------------------------------------
+
+def init_ray(cfg: GRPOJobConfig):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
+    if address:
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True)
+        return ray
+    need = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.grpo.num_learners * cfg.grpo.num_cpus
+            + cfg.reward.num_actors * cfg.reward.num_cpus)
+    cpus = cfg.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(need) + 1, 4)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    for attempt in range(3):  # a raylet gets 30 s to register: on a saturated machine, try again
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=True,
+                     runtime_env=env)
+            return ray
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            print(f"[grpo] Ray start timed out (busy machine?); retrying ({attempt + 1}/2)", flush=True)
+            ray.shutdown()
+    return ray
+
+
+def prepare_start_model(cfg: GRPOJobConfig, files: RunFiles) -> GRPOJobConfig:
+    """model.path, or the merged model of an SFT run made here (init.sft_config)."""
+    if cfg.model.path or not cfg.init.sft_config:
+        return cfg
+    sft_dir = files.path("sft")
+    merged = os.path.join(sft_dir, "merged")
+    if not os.path.exists(os.path.join(merged, "config.json")):
+        from jobs.sft import SFTJobConfig, run_sft
+
+        overrides = [f"output_dir={sft_dir}", f"seed={cfg.seed}"] + list(cfg.init.sft_overrides)
+        if cfg.init.sft_steps:
+            overrides.append(f"max_steps={cfg.init.sft_steps}")
+        sft_cfg = load(SFTJobConfig, cfg.init.sft_config_path(), overrides)
+        print(f"[grpo] no model.path: SFT first ({cfg.init.sft_config}, {cfg.init.sft_steps or 'all'} steps) "
+              f"-> {sft_dir}", flush=True)
+        t0 = time.time()
+        run_sft(sft_cfg)
+        files.write_summary({"sft_seconds": time.time() - t0})
+    else:
+        print(f"[grpo] starting from the existing SFT run {sft_dir}", flush=True)
+    tok = cfg.model.tokenizer or (merged if os.path.exists(os.path.join(merged, "tokenizer_config.json"))
+                                  else os.path.join(sft_dir, "tokenizer"))
+    return replace(cfg, model=replace(cfg.model, path=merged, tokenizer=tok))
+
+
+def tokenizer_dir(cfg: GRPOJobConfig) -> str:
+    d = cfg.model.tokenizer or cfg.model.path
+    if not d or not os.path.exists(os.path.join(d, "tokenizer_config.json")):
+        raise ConfigError("model.tokenizer: no tokenizer found (set model.tokenizer, or model.path to a "
+                          "folder that holds one)")
+    return d
+
+
+def read_prompts(cfg: PromptDataConfig) -> list[dict]:
+    """Prompt rows {"prompt": chat messages, "text": str, "columns": {...}} through Ray Data."""
+    import ray
+
+    if cfg.path == "builtin":
+        from cluster.builtin_task import generate
+
+        train, _ = generate(cfg.builtin_train_size, 200, seed=0)  # the split SFT trains on
+        ds = ray.data.from_items(train)
+    elif cfg.path.endswith(".parquet"):
+        ds = ray.data.read_parquet(cfg.path)
+    else:
+        ds = ray.data.read_json(cfg.path, lines=cfg.path.endswith(".jsonl"))
+    system = cfg.system_prompt
+
+    def to_prompt(row: dict) -> dict:
+        if "question" in row:
+            text, messages = str(row["question"]), [{"role": "user", "content": str(row["question"])}]
+        elif "prompt" in row:
+            p = row["prompt"]
+            if isinstance(p, str):
+                text, messages = p, [{"role": "user", "content": p}]
+            else:
+                messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in p]
+                text = messages[-1]["content"]
+        else:
+            raise ValueError(f"data: a prompt row needs a 'question' or 'prompt' column, got {sorted(row)}")
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + messages
+        columns = {k: v for k, v in row.items() if k not in ("question", "prompt")}
+        return {"prompt": json.dumps(messages), "text": text, "columns": json.dumps(columns, default=str)}
+
+    # rows are few and small: converting them in the driver is faster than scheduling map tasks
+    out = [to_prompt(dict(r)) for r in ds.iter_rows()]
+    out = [{"prompt": json.loads(r["prompt"]), "text": r["text"], "columns": json.loads(r["columns"])} for r in out]
+    if not out:
+        raise ConfigError(f"data.path: {cfg.path!r} holds no prompts")
+    return out
+
+
+class PromptStream:
+    """Deterministic epochs over the prompt rows; its position is saved with each checkpoint."""
+
+    def __init__(self, rows: list[dict], seed: int, position: int = 0):
+        self.rows, self.seed, self.position = rows, seed, position
+
+    def take(self, k: int) -> list[dict]:
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.position, len(self.rows))
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
+            out.append(self.rows[order[i]])
+            self.position += 1
+        return out
+
+
+def held_out_accuracy(cfg: GRPOJobConfig, model_dir: str, tok_dir: str) -> dict:
+    from cluster.evaluate import EvalConfig, evaluate, load_rows
+    from kernels.tokenizer import load_tokenizer
+
+    e = cfg.eval
+    ecfg = EvalConfig(data=e.data, backend=e.backend, max_new_tokens=e.max_new_tokens,
+                      max_problems=e.max_problems, system_prompt=cfg.data.system_prompt,
+                      batch_size=e.batch_size, stop=list(cfg.rollout.stop))
+    t0 = time.time()
+    res = evaluate(model_dir, load_tokenizer(tok_dir), load_rows(e.data), ecfg)
+    res["seconds"] = time.time() - t0
+    return res
+
+
+def score(pool, prompts: list[dict], groups: list[list]) -> tuple[list[float], object]:
+    """Rewards of every sample (flattened group by group) and the RewardResult. Columns: the prompt
+    row's other fields (e.g. answer) and completion_lengths (tokens)."""
+    n = len(groups[0]) if groups else 0
+    texts = [p["text"] for p in prompts for _ in range(n)]
+    completions = [s.text for g in groups for s in g]
+    keys = sorted({k for p in prompts for k in p["columns"]})
+    columns = {k: [p["columns"].get(k) for p in prompts for _ in range(n)] for k in keys}
+    # token counts, for length-based rewards (rewards.length:overlong_penalty)
+    columns["completion_lengths"] = [len(s.completion_token_ids) for g in groups for s in g]
+    res = pool.score(texts, completions, columns)
+    return list(res.total), res
+
+
+def accuracy_term(cfg: GRPOJobConfig) -> str | None:
+    """The reward term that means "correct" (math_answer), for the accuracy metric."""
+    for s in cfg.reward.specs():
+        if s.name_or_path.endswith("math_answer"):
+            return s.key
+    return None
+
+
+def checkpoints(files: RunFiles) -> list[str]:
+    return sorted(glob.glob(files.path("checkpoints", "step_*")))
+
+
+def save_checkpoint(files: RunFiles, learners, step: int, stream: PromptStream, keep: int) -> str:
+    path = files.path("checkpoints", f"step_{step:06d}")
+    learners.save(path)
+    with open(os.path.join(path, "controller.json"), "w") as f:
+        json.dump({"step": step, "prompt_position": stream.position}, f)
+    for old in checkpoints(files)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _std(xs) -> float:
+    xs = list(xs)
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The controller
+# ----------------------------------------------------------------------------------------------
+
+def run_grpo(cfg: GRPOJobConfig) -> dict:
+    import ray
+    import torch
+
+    from actors import grpo_math
+    from actors.reward import RewardPool
+    from cluster.grpo_group import LearnerGroup, Placement, RolloutGroup, WeightSync
+    from kernels.tokenizer import load_tokenizer
+
+    t_start = time.time()
+    files = RunFiles(cfg.output_dir)
+    if cfg.resume == "never" and files.read_metrics():
+        raise ConfigError(f"resume=never but {cfg.output_dir} already holds a run; choose a new output_dir "
+                          f"or resume=auto")
+    init_ray(cfg)
+
+    # 1-2. starting model (maybe SFT first), config on disk
+    cfg = prepare_start_model(cfg, files)
+    t_grpo = time.time()  # after the SFT warm-up, if any
+    dump_yaml(cfg, files.path("config.yaml"))
+    tok_dir = tokenizer_dir(cfg)
+    tok = load_tokenizer(tok_dir)
+    start_model = cfg.model.path
+    summary = files.read_summary()
+
+    # 3. prompts
+    rows = read_prompts(cfg.data)
+    print(f"[grpo] {len(rows)} prompts from {cfg.data.path}; model {start_model or cfg.model.preset}", flush=True)
+
+    # 4. held-out accuracy of the starting model (once per run, also across resumes)
+    if cfg.eval.enabled and "eval_accuracy_start" not in summary:
+        if not start_model:
+            raise ConfigError("eval: the held-out evaluation needs a model folder (model.path or init.sft_config)")
+        acc = held_out_accuracy(cfg, start_model, tok_dir)
+        files.write_summary({"eval_accuracy_start": acc["accuracy"], "eval_problems": acc["n"],
+                             "eval_start_seconds": acc["seconds"]})
+        print(f"[grpo] held-out exact match at start: {acc['accuracy']:.3f} ({acc['correct']}/{acc['n']}, "
+              f"{acc['seconds']:.0f}s)", flush=True)
+
+    # 5. actors
+    t0 = time.time()
+    lora = cfg.model.lora if cfg.model.finetune != "full" else None
+    threads = cfg.num_threads
+    placement = Placement.build(cfg.rollout, cfg.grpo)
+    rollouts = RolloutGroup(cfg.model, cfg.rollout, tok_dir, seed=cfg.seed, lora=lora, placement=placement,
+                            num_threads=threads)
+    learners = LearnerGroup(cfg.model, cfg.grpo, logprob_temperature=cfg.rollout.temperature,
+                            max_len_norm=cfg.rollout.max_tokens, seed=cfg.seed, pad_id=tok.pad_token_id or 0,
+                            placement=placement, num_threads=threads)
+    sync = WeightSync(learners, rollouts, cfg.rollout, lora)
+    pool = RewardPool(cfg.reward.specs(), num_actors=cfg.reward.num_actors, timeout_s=cfg.reward.timeout_s,
+                      failure_reward=cfg.reward.failure_reward, batch_size=cfg.reward.batch_size,
+                      num_cpus_per_actor=cfg.reward.num_cpus)
+    print(f"[grpo] actors ready in {time.time() - t0:.1f}s: {cfg.rollout.num_workers} rollout "
+          f"({cfg.rollout.backend}), {cfg.grpo.num_learners} learner, {cfg.reward.num_actors} reward; "
+          f"weight sync {cfg.rollout.sync} via {sync.transport}", flush=True)
+
+    # resume
+    stream = PromptStream(rows, cfg.seed)
+    first_step = 0
+    if cfg.resume == "auto" and checkpoints(files):
+        last = checkpoints(files)[-1]
+        with open(os.path.join(last, "controller.json")) as f:
+            state = json.load(f)
+        learners.load(last)
+        first_step, stream.position = state["step"], state["prompt_position"]
+        files.truncate_metrics_after(first_step)
+        sync.push(version=first_step)
+        print(f"[grpo] resumed from {last} (step {first_step})", flush=True)
+
+    # 6. the loop
+    adv_fn = grpo_math.get_adv_est(cfg.grpo.adv_estimator)
+    acc_key = accuracy_term(cfg)
+    P, n = cfg.grpo.prompts_per_step, cfg.rollout.n
+    async_on = cfg.grpo.async_mode == "one_step"
+    pending = None  # (prompts, in-flight generation) of the next step, async mode
+    version = first_step  # the weights version the engines hold (bumped by every push)
+    for step in range(first_step, max(first_step, cfg.max_steps)):
+        t_step = time.perf_counter()
+        timing: dict[str, float] = {}
+        v_before = version
+
+        # rollouts (async: collected from the previous step's launch, then the next one launched)
+        t = time.perf_counter()
+        if pending is None:
+            prompts = stream.take(P)
+            pending = (prompts, rollouts.generate_async([p["prompt"] for p in prompts], seed=cfg.seed * 7919 + step))
+        prompts, refs = pending
+        groups = rollouts.collect(refs)
+        pending = None
+        if async_on and step + 1 < cfg.max_steps:
+            nxt = stream.take(P)
+            pending = (nxt, rollouts.generate_async([p["prompt"] for p in nxt], seed=cfg.seed * 7919 + step + 1))
+        timing["rollout_s"] = time.perf_counter() - t
+
+        # rewards
+        t = time.perf_counter()
+        rewards, res = score(pool, prompts, groups)
+        timing["reward_s"] = time.perf_counter() - t
+
+        # advantages; dynamic sampling refills the batch with groups that carry a signal
+        all_rewards, all_groups, all_prompts = list(rewards), list(groups), list(prompts)
+        reward_results = [res]
+        refill_rounds = 0
+        while True:
+            gid = torch.arange(len(all_groups)).repeat_interleave(n)
+            keep = grpo_math.groups_with_variance(torch.tensor(all_rewards), gid).tolist()
+            if not cfg.grpo.dynamic_sampling or sum(keep) >= P or refill_rounds >= cfg.grpo.max_refill_rounds:
+                break
+            refill_rounds += 1
+            t = time.perf_counter()
+            more = stream.take(P - sum(keep))
+            extra = rollouts.generate([p["prompt"] for p in more], seed=cfg.seed * 7919 + step + 100_000 * refill_rounds)
+            timing["rollout_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            r2, res2 = score(pool, more, extra)
+            timing["reward_s"] += time.perf_counter() - t
+            all_rewards += r2
+            all_groups += extra
+            all_prompts += more
+            reward_results.append(res2)
+        kept = [i for i, k in enumerate(keep) if k] if cfg.grpo.dynamic_sampling else list(range(len(all_groups)))
+        kept = kept[:P]
+        rewards_t = torch.tensor(all_rewards).view(-1, n)                     # [G, n]
+        train_rewards = rewards_t[kept].reshape(-1)
+        adv = adv_fn(train_rewards, torch.arange(len(kept)).repeat_interleave(n)).tolist()
+        samples = [s for i in kept for s in all_groups[i]]
+
+        # learner update
+        t = time.perf_counter()
+        rollouts.sleep()  # colocated vLLM: give the GPU memory to the learner
+        lm = learners.update(make_batch(samples, adv)) if samples else {}
+        timing["update_s"] = time.perf_counter() - t
+
+        # weight sync
+        t = time.perf_counter()
+        si = {"sync_s": 0.0, "sync_engine_s": 0.0}
+        if samples:
+            version = step + 1
+            si = sync.push(version=version)
+        timing["sync_s"] = time.perf_counter() - t
+
+        # metrics of this step: every sample generated (first round + refills), trained groups
+        flat = [s for g in all_groups for s in g]
+        lengths = [len(s.completion_token_ids) for s in flat]
+        n_tok = sum(lengths)
+        train_tok = sum(len(s.prompt_token_ids) + len(s.completion_token_ids) for s in samples)
+        per_fn: dict[str, list[float]] = {}
+        for r in reward_results:
+            for k, v in r.per_function.items():
+                per_fn.setdefault(k, []).extend(v)
+        record = {
+            "step": step + 1,
+            "reward/mean": _mean(all_rewards), "reward/std": _std(all_rewards),
+            "reward/train_mean": _mean(train_rewards.tolist()),
+            "accuracy": _mean(1.0 if v > 0 else 0.0 for v in per_fn[acc_key]) if acc_key in per_fn else None,
+            "groups/total": len(all_groups), "groups/kept": len(kept), "groups/refill_rounds": refill_rounds,
+            "groups/zero_variance_frac": 1.0 - sum(keep) / max(len(keep), 1),
+            "response_length/mean": _mean(lengths), "response_length/max": max(lengths) if lengths else 0,
+            "truncation_rate": _mean(1.0 if s.finish_reason == "length" else 0.0 for s in flat),
+            "samples/trained": len(samples),
+            "rollout_tokens_per_s": n_tok / max(timing["rollout_s"], 1e-9),
+            "update_tokens_per_s": train_tok / max(timing["update_s"], 1e-9) if samples else 0.0,
+            # weight versions between the oldest sample's generator and the policy it trains (async: 1)
+            "weights_lag": v_before - min(s.weights_version for s in flat) if flat else 0,
+            "sync_engine_s": si.get("sync_engine_s", 0.0),
+            "time/step_s": time.perf_counter() - t_step,
+        }
+        for k, v in per_fn.items():
+            record[f"reward/{k}/mean"] = _mean(v)
+            record[f"reward/{k}/std"] = _std(v)
+        for r in reward_results:
+            for k, v in r.failures.items():
+                record[f"reward/{k}/failures"] = record.get(f"reward/{k}/failures", 0) + v
+            for k, v in r.timeouts.items():
+                record[f"reward/{k}/timeouts"] = record.get(f"reward/{k}/timeouts", 0) + v
+        record.update({f"time/{k}": v for k, v in timing.items()})
+        for k in ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm",
+                  "lr", "ratio_mean", "mismatch_kl", "optimizer_steps"):
+            if k in lm:
+                record[k] = lm[k]
+        record = {k: v for k, v in record.items() if v is not None}
+        files.log_metrics(record)
+        print(f"[grpo] step {step + 1}/{cfg.max_steps}  reward {record['reward/mean']:.3f}"
+              + (f"  acc {record['accuracy']:.3f}" if "accuracy" in record else "")
+              + f"  kept {len(kept)}/{len(all_groups)}  len {record['response_length/mean']:.1f}"
+              + (f"  kl {record['kl']:.4f}" if "kl" in record else "")
+              + (f"  clip {record['clip_frac']:.3f}" if "clip_frac" in record else "")
+              + f"  | rollout {timing['rollout_s']:.1f}s reward {timing['reward_s']:.1f}s "
+                f"update {timing['update_s']:.1f}s sync {timing['sync_s']:.2f}s", flush=True)
+
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+            save_checkpoint(files, learners, step + 1, stream, cfg.keep_checkpoints)
+
+    if pending is not None:  # async: a generation nobody will train on
+        rollouts.collect(pending[1])
+
+    # 7. final model and held-out accuracy
+    save_checkpoint(files, learners, cfg.max_steps, stream, cfg.keep_checkpoints)
+    merged = learners.save_merged(files.path("merged"), tok_dir)
+    if cfg.model.finetune != "full":
+        learners.save_adapter(files.path("adapter"))
+    pool.shutdown()
+    rollouts.shutdown()
+    learners.shutdown()
+    metrics = files.read_metrics()
+    out = {"steps": cfg.max_steps, "merged_dir": merged, "start_model": start_model,
+           "reward_first": metrics[0]["reward/mean"] if metrics else None,
+           "reward_last": metrics[-1]["reward/mean"] if metrics else None,
+           "grpo_seconds": time.time() - t_grpo}
+    if cfg.eval.enabled:
+        acc = held_out_accuracy(cfg, merged, tok_dir)
+        out.update({"eval_accuracy_end": acc["accuracy"], "eval_end_seconds": acc["seconds"]})
+        print(f"[grpo] held-out exact match at end: {acc['accuracy']:.3f} ({acc['correct']}/{acc['n']})", flush=True)
+    out["wall_seconds"] = time.time() - t_start  # this invocation: SFT warm-up (if run), GRPO, evaluations
+    files.write_summary(out)
+    summary = files.read_summary()
+    if "eval_accuracy_end" in summary:
+        print(f"[grpo] held-out exact match {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
+              f"in {summary['wall_seconds']:.0f}s; summary: {files.summary_path}", flush=True)
+    return summary
+
+
+def demo_grpo(sft_dir: str, output_dir: str, overrides: list[str] | None = None) -> dict:
+    """The demo's GRPO stage: tiny-grpo.yaml from an SFT run folder (its merged model)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    cfg = load(GRPOJobConfig, os.path.join(here, "configs", "tiny-grpo.yaml"),
+               [f"output_dir={output_dir}", f"model.path={os.path.join(sft_dir, 'merged')}"] + list(overrides or []))
+    return run_grpo(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="posttrain grpo", description=__doc__.split("\n")[0])
+    p.add_argument("config", nargs="?", help="YAML config (optional: defaults otherwise)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. grpo.lr=1e-5")
+    args = p.parse_args(argv)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        cfg = load(GRPOJobConfig, args.config, args.overrides)
+        run_grpo(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

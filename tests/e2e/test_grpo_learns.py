@@ -1,0 +1,109 @@
+"""GRPO learns: held-out exact match of the tiny model rises, measured on 200 problems (CI, CPU).
+
+The acceptance run is `posttrain grpo jobs/configs/tiny-grpo.yaml` (SFT warm-up through jobs.sft,
+then 60 GRPO steps, ~10 minutes on 2 cores). This is its shorter variant: the warm start comes from
+a quick in-process supervised warm-up (the same recipe: full fine-tuning at a constant lr, stopped
+half-way through learning the arithmetic) instead of the Ray Train job, then 15 GRPO steps of the
+shipped config. The rise is measured, not assumed: start and end accuracy are both evaluated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "jobs", "configs", "tiny-grpo.yaml")
+
+
+def warm_start(out_dir: str, steps: int = 450, batch: int = 40, lr: float = 1e-3, seed: int = 0) -> str:
+    """Supervised warm-up of the tiny preset on the built-in train split; returns a model folder."""
+    from cluster.builtin_task import generate, tokenizer_corpus
+    from kernels.model import ModelConfig, build_model, save_merged
+    from kernels.tokenizer import train_tokenizer
+
+    train, _ = generate(2000, 200, seed=0)
+    tok = train_tokenizer(tokenizer_corpus(train), vocab_size=1024)
+    model = build_model(ModelConfig(preset="tiny", dtype="float32", finetune="full"),
+                        vocab_size=max(1024, len(tok)), seed=seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    data = []
+    for r in train:  # loss on the assistant turn only, like SFT
+        msgs = [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+        enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        data.append((enc["input_ids"], [t if m else -100 for t, m in zip(enc["input_ids"], enc["assistant_masks"])]))
+    g = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(data), (batch,), generator=g).tolist()
+        width = max(len(data[i][0]) for i in idx)
+        ids = torch.full((batch, width), tok.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        for b, i in enumerate(idx):
+            ids[b, :len(data[i][0])] = torch.tensor(data[i][0])
+            labels[b, :len(data[i][1])] = torch.tensor(data[i][1])
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / 4)
+        model(input_ids=ids, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return save_merged(model, out_dir, tokenizer=tok, dtype=torch.float32)
+
+
+@pytest.mark.e2e
+def test_grpo_raises_held_out_accuracy(tmp_path):
+    from jobs.config import load
+    from jobs.grpo import GRPOJobConfig, run_grpo
+
+    t0 = time.time()
+    start = warm_start(str(tmp_path / "warm"))
+    t_warm = time.time() - t0
+    cfg = load(GRPOJobConfig, CONFIG, [f"output_dir={tmp_path / 'grpo'}", f"model.path={start}",
+                                       "max_steps=15", "checkpoint_every=0"])
+    summary = run_grpo(cfg)
+    a0, a1 = summary["eval_accuracy_start"], summary["eval_accuracy_end"]
+    rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    r_first = sum(r["reward/mean"] for r in rows[:5]) / 5
+    r_last = sum(r["reward/mean"] for r in rows[-5:]) / 5
+    print(f"\n[grpo-learns] warm-up {t_warm:.0f}s; held-out exact match {a0:.3f} -> {a1:.3f} "
+          f"({summary['eval_problems']} problems); train reward {r_first:.3f} -> {r_last:.3f}; "
+          f"GRPO {summary['grpo_seconds']:.0f}s")
+    assert summary["eval_problems"] >= 200
+    assert 0.05 <= a0 <= 0.9, "the warm start must leave room for GRPO (groups need reward variance)"
+    # 15 steps: the held-out rise measured while writing this test was 0.13 -> 0.28 (2 cores);
+    # 0.04 is about two standard errors of a paired difference on 200 problems
+    assert a1 - a0 >= 0.04, f"held-out accuracy did not rise enough: {a0:.3f} -> {a1:.3f}"
+    assert {"kl", "clip_frac", "entropy", "time/rollout_s", "time/update_s", "time/sync_s",
+            "truncation_rate", "response_length/mean"} <= set(rows[-1])
+
+
+@pytest.mark.e2e
+def test_grpo_async_checkpoint_and_resume(tmp_path, tiny_tokenizer_dir):
+    """One-step-off async mode trains on samples one weight version old; a second run resumes."""
+    from jobs.config import load
+    from jobs.grpo import GRPOJobConfig, run_grpo
+    from kernels.model import ModelConfig, build_model, save_merged
+    from kernels.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    model_dir = save_merged(build_model(ModelConfig(preset="tiny", dtype="float32"), vocab_size=512),
+                            str(tmp_path / "model"), tokenizer=tok, dtype=torch.float32)
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", f"model.path={model_dir}", "model.finetune=lora", "eval.enabled=false",
+              "grpo.async_mode=one_step", "grpo.prompts_per_step=4", "rollout.n=4", "rollout.max_tokens=6",
+              "grpo.dynamic_sampling=false", "checkpoint_every=1",
+              # a random model never answers: "contains a digit" gives the groups some variance
+              "reward.functions=[{name: format, kwargs: {pattern: '.*[0-9].*'}}]"]
+    run_grpo(load(GRPOJobConfig, CONFIG, common + ["max_steps=2"]))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["weights_lag"] == 0 and rows[1]["weights_lag"] == 1
+    assert os.path.exists(out / "checkpoints" / "step_000002" / "learner.pt")
+    run_grpo(load(GRPOJobConfig, CONFIG, common + ["max_steps=3"]))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[2]["optimizer_steps"] == 3  # the learner continued from the checkpoint's optimizer state
