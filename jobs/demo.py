@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.grpo import demo_grpo
 
         print(f"[demo] 2/3 GRPO -> {out}/grpo", flush=True)
-        g = demo_grpo(sft_cfg.output_dir, f"{out}/grpo", ["max_steps=20", "checkpoint_every=10"])
+        g = demo_grpo(sft_cfg.output_dir, f"{out}/grpo", ["max_steps=10", "checkpoint_every=10"])
         lines.append(f"GRPO  exact match {g['eval_accuracy_start']:.1%} -> {g['eval_accuracy_end']:.1%}; "
                      f"reward {g.get('reward_first', float('nan')):.3f} -> {g.get('reward_last', float('nan')):.3f}")
         runs.append(f"{out}/grpo")
