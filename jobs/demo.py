@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[demo] 3/3 reports", flush=True)
     for r in runs:
-        lines.append(f"report: {os.path.abspath(write_report(r))}")
+        lines.append(f"report: {os.path.abspath(write_report(r)['png'])}")
     print("\n[demo] ---------------- summary ----------------")
     for line in lines:
         print("[demo] " + line)
