@@ -120,6 +120,15 @@ def test_gspo_hand_computed():
     _ = s0, s1
 
 
+def test_reinforce_hand_computed():
+    # ratio e^0.5 = 1.6487 and e^-1 = 0.3679, no clipping: loss = -ratio * A ; padding gives 0
+    logp = torch.tensor([[0.5, -1.0, 7.0]])
+    loss, m = gm.get_policy_loss("reinforce")(logp, torch.zeros(1, 3), torch.tensor([2.0]),
+                                              torch.tensor([[1.0, 1.0, 0.0]]), gm.LossParams())
+    torch.testing.assert_close(loss, torch.tensor([[-2 * math.exp(0.5), -2 * math.exp(-1.0), 0.0]]))
+    assert m["clip_frac"].item() == 0.0
+
+
 @pytest.mark.parametrize("name", ["clip", "gspo", "reinforce"])
 def test_policy_loss_vectorised_equals_loop(name):
     torch.manual_seed(1)
