@@ -385,12 +385,61 @@ def _std(xs) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def step_record(step: int, groups: list[list], rewards: list[float], keep: list[bool], kept: list[int],
+                samples: list, train_rewards: list[float], refill_rounds: int, reward_results: list,
+                acc_key: str | None, lm: dict, si: dict, timing: dict, v_before: int) -> dict:
+    """One metrics.jsonl line: every sample generated this step (first round + refills) for the
+    reward/length statistics, the trained groups for the update statistics."""
+    flat = [s for g in groups for s in g]
+    lengths = [len(s.completion_token_ids) for s in flat]
+    train_tok = sum(len(s.prompt_token_ids) + len(s.completion_token_ids) for s in samples)
+    per_fn: dict[str, list[float]] = {}
+    for r in reward_results:
+        for k, v in r.per_function.items():
+            per_fn.setdefault(k, []).extend(v)
+    record = {
+        "step": step,
+        "reward/mean": _mean(rewards), "reward/std": _std(rewards), "reward/train_mean": _mean(train_rewards),
+        "groups/total": len(groups), "groups/kept": len(kept), "groups/refill_rounds": refill_rounds,
+        "groups/zero_variance_frac": 1.0 - sum(keep) / max(len(keep), 1),
+        "samples/trained": len(samples),
+        "response_length/mean": _mean(lengths), "response_length/max": max(lengths) if lengths else 0,
+        "truncation_rate": _mean(1.0 if s.finish_reason == "length" else 0.0 for s in flat),
+        "rollout_tokens_per_s": sum(lengths) / max(timing["rollout_s"], 1e-9),
+        "update_tokens_per_s": train_tok / max(timing["update_s"], 1e-9) if samples else 0.0,
+        "sync_engine_s": si.get("sync_engine_s", 0.0),
+        # weight versions between the oldest sample's generator and the policy it trains (async: 1)
+        "weights_lag": v_before - min(s.weights_version for s in flat) if flat else 0,
+    }
+    if acc_key in per_fn:
+        record["accuracy"] = _mean(1.0 if v > 0 else 0.0 for v in per_fn[acc_key])
+    for k, v in per_fn.items():
+        record[f"reward/{k}/mean"], record[f"reward/{k}/std"] = _mean(v), _std(v)
+        record[f"reward/{k}/failures"] = sum(r.failures.get(k, 0) for r in reward_results)
+        record[f"reward/{k}/timeouts"] = sum(r.timeouts.get(k, 0) for r in reward_results)
+    record.update({f"time/{k}": v for k, v in timing.items()})
+    for k in ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm",
+              "lr", "ratio_mean", "mismatch_kl", "optimizer_steps"):
+        if k in lm:
+            record[k] = lm[k]
+    return record
+
+
+def print_step(r: dict, max_steps: int) -> None:
+    print(f"[grpo] step {r['step']}/{max_steps}  reward {r['reward/mean']:.3f}"
+          + (f"  acc {r['accuracy']:.3f}" if "accuracy" in r else "")
+          + f"  kept {r['groups/kept']}/{r['groups/total']}  len {r['response_length/mean']:.1f}"
+          + (f"  kl {r['kl']:.4f}" if "kl" in r else "")
+          + (f"  clip {r['clip_frac']:.3f}" if "clip_frac" in r else "")
+          + f"  | rollout {r['time/rollout_s']:.1f}s reward {r['time/reward_s']:.1f}s "
+            f"update {r['time/update_s']:.1f}s sync {r['time/sync_s']:.2f}s", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The controller
 # ----------------------------------------------------------------------------------------------
 
 def run_grpo(cfg: GRPOJobConfig) -> dict:
-    import ray
     import torch
 
     from actors import grpo_math
@@ -490,7 +539,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         timing["reward_s"] = time.perf_counter() - t
 
         # advantages; dynamic sampling refills the batch with groups that carry a signal
-        all_rewards, all_groups, all_prompts = list(rewards), list(groups), list(prompts)
+        all_rewards, all_groups = list(rewards), list(groups)
         reward_results = [res]
         refill_rounds = 0
         while True:
@@ -508,7 +557,6 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
             timing["reward_s"] += time.perf_counter() - t
             all_rewards += r2
             all_groups += extra
-            all_prompts += more
             reward_results.append(res2)
         kept = [i for i, k in enumerate(keep) if k] if cfg.grpo.dynamic_sampling else list(range(len(all_groups)))
         kept = kept[:P]
@@ -531,54 +579,12 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
             si = sync.push(version=version)
         timing["sync_s"] = time.perf_counter() - t
 
-        # metrics of this step: every sample generated (first round + refills), trained groups
-        flat = [s for g in all_groups for s in g]
-        lengths = [len(s.completion_token_ids) for s in flat]
-        n_tok = sum(lengths)
-        train_tok = sum(len(s.prompt_token_ids) + len(s.completion_token_ids) for s in samples)
-        per_fn: dict[str, list[float]] = {}
-        for r in reward_results:
-            for k, v in r.per_function.items():
-                per_fn.setdefault(k, []).extend(v)
-        record = {
-            "step": step + 1,
-            "reward/mean": _mean(all_rewards), "reward/std": _std(all_rewards),
-            "reward/train_mean": _mean(train_rewards.tolist()),
-            "accuracy": _mean(1.0 if v > 0 else 0.0 for v in per_fn[acc_key]) if acc_key in per_fn else None,
-            "groups/total": len(all_groups), "groups/kept": len(kept), "groups/refill_rounds": refill_rounds,
-            "groups/zero_variance_frac": 1.0 - sum(keep) / max(len(keep), 1),
-            "response_length/mean": _mean(lengths), "response_length/max": max(lengths) if lengths else 0,
-            "truncation_rate": _mean(1.0 if s.finish_reason == "length" else 0.0 for s in flat),
-            "samples/trained": len(samples),
-            "rollout_tokens_per_s": n_tok / max(timing["rollout_s"], 1e-9),
-            "update_tokens_per_s": train_tok / max(timing["update_s"], 1e-9) if samples else 0.0,
-            # weight versions between the oldest sample's generator and the policy it trains (async: 1)
-            "weights_lag": v_before - min(s.weights_version for s in flat) if flat else 0,
-            "sync_engine_s": si.get("sync_engine_s", 0.0),
-            "time/step_s": time.perf_counter() - t_step,
-        }
-        for k, v in per_fn.items():
-            record[f"reward/{k}/mean"] = _mean(v)
-            record[f"reward/{k}/std"] = _std(v)
-        for r in reward_results:
-            for k, v in r.failures.items():
-                record[f"reward/{k}/failures"] = record.get(f"reward/{k}/failures", 0) + v
-            for k, v in r.timeouts.items():
-                record[f"reward/{k}/timeouts"] = record.get(f"reward/{k}/timeouts", 0) + v
-        record.update({f"time/{k}": v for k, v in timing.items()})
-        for k in ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm",
-                  "lr", "ratio_mean", "mismatch_kl", "optimizer_steps"):
-            if k in lm:
-                record[k] = lm[k]
-        record = {k: v for k, v in record.items() if v is not None}
+        # metrics of this step
+        record = step_record(step + 1, all_groups, all_rewards, keep, kept, samples, train_rewards.tolist(),
+                             refill_rounds, reward_results, acc_key, lm, si, timing, v_before)
+        record["time/step_s"] = time.perf_counter() - t_step
         files.log_metrics(record)
-        print(f"[grpo] step {step + 1}/{cfg.max_steps}  reward {record['reward/mean']:.3f}"
-              + (f"  acc {record['accuracy']:.3f}" if "accuracy" in record else "")
-              + f"  kept {len(kept)}/{len(all_groups)}  len {record['response_length/mean']:.1f}"
-              + (f"  kl {record['kl']:.4f}" if "kl" in record else "")
-              + (f"  clip {record['clip_frac']:.3f}" if "clip_frac" in record else "")
-              + f"  | rollout {timing['rollout_s']:.1f}s reward {timing['reward_s']:.1f}s "
-                f"update {timing['update_s']:.1f}s sync {timing['sync_s']:.2f}s", flush=True)
+        print_step(record, cfg.max_steps)
 
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(files, learners, step + 1, stream, cfg.keep_checkpoints)

@@ -9,7 +9,7 @@ import torch
 from actors.learner import (GRPOConfig, Learner, chunked_logprobs, collate, make_batch,
                             sequence_logprobs)
 from actors.rollout import Sample
-from kernels.model import LoraConfig, ModelConfig, add_lora, build_model
+from kernels.model import LoraConfig, ModelConfig, build_model
 from kernels.tokenizer import load_tokenizer
 
 VOCAB = 512
