@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from cluster.deepspeed_strategy import DeepSpeedConfig
 from kernels.model import ModelConfig
 
 log = logging.getLogger("posttrain.train")
@@ -27,7 +28,8 @@ class TrainConfig:
 
     num_workers: Ray Train workers (one per GPU when use_gpu).
     use_gpu: place workers on GPUs (bf16 autocast, NCCL); false = CPU, gloo.
-    strategy: ddp | deepspeed.
+    strategy: ddp | deepspeed (ZeRO-2/3 with the `deepspeed:` sub-section, see
+      cluster.deepspeed_strategy.DeepSpeedConfig).
     micro_batch_size: rows per forward pass per worker.
     grad_accum: micro-batches per optimizer step (per worker).
     lr / embedding_lr: learning rate; embeddings and lm_head use embedding_lr when > 0 (CPT).
@@ -49,7 +51,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     strategy: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = 2
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     micro_batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
@@ -86,11 +88,6 @@ class TrainConfig:
                      "max_failures", "embedding_lr", "weight_decay", "max_grad_norm"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.strategy == "deepspeed":
-            raise ValueError("trainer.strategy: 'deepspeed' is not available in this version (ZeRO-2/3 "
-                             "support is planned); use 'ddp'")
-        if self.zero_stage not in (2, 3):
-            raise ValueError(f"trainer.zero_stage: expected 2 or 3, got {self.zero_stage}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"trainer.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.resume_from and not os.path.isdir(self.resume_from):
@@ -159,6 +156,11 @@ def _build_for_training(spec: TrainSpec, device):
         model = build_qlora_model(spec.model, vocab_size=spec.vocab_size, device=device, seed=spec.seed)
     else:
         model = build_model(spec.model, vocab_size=spec.vocab_size, device=device, seed=spec.seed)
+        if spec.model.finetune == "full" and spec.model.dtype in ("bfloat16", "float16") \
+                and spec.train.strategy != "deepspeed":
+            log.warning("full fine-tuning with %s weights and no fp32 master copy: AdamW updates "
+                        "below %s resolution are lost; use model.dtype=auto (fp32 weights, bf16 "
+                        "autocast) or strategy deepspeed", spec.model.dtype, spec.model.dtype)
         if spec.model.finetune == "lora" and device.type == "cuda" and spec.model.dtype == "auto":
             model.to(torch.bfloat16)
     model = add_lora(model, spec.model)
@@ -200,6 +202,8 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
     if not tc.use_gpu:
@@ -215,7 +219,8 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
     _write_worker_info(spec.output_dir, rank)
     model, notes = _build_for_training(spec, device)
     loss_module = LossForward(model)
-    if world > 1:
+    use_ds = tc.strategy == "deepspeed"
+    if world > 1 and not use_ds:
         ddp_kwargs = {"find_unused_parameters": False}
         if spec.model.gradient_checkpointing == "offload":
             ddp_kwargs["static_graph"] = True  # offloaded checkpointing re-enters autograd per layer
@@ -225,6 +230,17 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.lr_schedule, tc.warmup_steps, spec.total_steps, tc.min_lr_ratio))
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    engine = None
+    if use_ds:
+        from cluster import deepspeed_strategy as dss
+
+        engine, ds_notes = dss.initialize(loss_module, model, optimizer, scheduler, ds=tc.deepspeed,
+                                          micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum,
+                                          world_size=world, max_grad_norm=tc.max_grad_norm,
+                                          bf16=device.type == "cuda")
+        notes.update(ds_notes)
+        loss_module = engine
+        autocast = None  # DeepSpeed holds the model in bf16 itself
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_eval": None, "evals_without_gain": 0}
     ckpt = ray.train.get_checkpoint()
@@ -235,7 +251,10 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
         resume_dir = tc.resume_from
     files = RunFiles(spec.output_dir) if rank == 0 else None
     if resume_dir:
-        state.update(load_training_state(resume_dir, model, optimizer, scheduler))
+        if engine is not None:
+            state.update(dss.load(resume_dir, engine))
+        else:
+            state.update(load_training_state(resume_dir, model, optimizer, scheduler))
         if rank == 0:
             _say(f"[train] resumed from step {state['step']} ({resume_dir})")
     if files is not None:
@@ -265,6 +284,10 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
+            if engine is not None:  # every rank writes its shards; Ray merges the folders
+                dss.save(tmp, engine, model, dict(state), rank)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                return
             if rank == 0:
                 save_training_state(tmp, model, optimizer, scheduler, dict(state))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
@@ -291,13 +314,19 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
             full = all_reduce_sum(1.0 if len(micro) == tc.grad_accum else 0.0) == world
             if not full:  # the epoch's tail that cannot fill a step on every worker is dropped
                 break
-            stats = accumulate_step(loss_module, micro, device=device, world_size=world,
-                                    all_reduce_sum=all_reduce_sum, autocast_dtype=autocast)
-            gnorm = grad_norm_and_clip([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if engine is not None:  # DeepSpeed clips, steps the optimizer and schedule at the boundary
+                stats = accumulate_step(engine, micro, device=device, world_size=world,
+                                        all_reduce_sum=all_reduce_sum, autocast_dtype=autocast,
+                                        backward=dss.backward(engine))
+                gnorm = dss.grad_norm(engine)
+            else:
+                stats = accumulate_step(loss_module, micro, device=device, world_size=world,
+                                        all_reduce_sum=all_reduce_sum, autocast_dtype=autocast)
+                gnorm = grad_norm_and_clip([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batches_in_epoch"] += tc.grad_accum
             dt = time.time() - t0
@@ -340,8 +369,11 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
         if spec.steps_per_epoch == 0:
             break
 
-    if rank == 0:
-        _save_artifacts(spec, model, notes, last_metrics, time.time() - t_start, state)
+    # ZeRO-3: every rank takes part in gathering the sharded weights; rank 0 writes them
+    gather = dss.gathered(model) if engine is not None else _null()
+    with gather:
+        if rank == 0:
+            _save_artifacts(spec, model, notes, last_metrics, time.time() - t_start, state)
 
 
 def _say(msg: str) -> None:

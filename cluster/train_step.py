@@ -60,10 +60,14 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> int:
 def accumulate_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], *,
                     device: torch.device, world_size: int = 1,
                     all_reduce_sum: Callable[[float], float] = lambda x: x,
-                    autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                    autocast_dtype: torch.dtype | None = None,
+                    backward: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
     """Forward/backward over micro-batches; gradients end up = d(sum of token losses)/d(theta) / N
     with N the step's target tokens over every worker. Returns loss (mean per target token over
-    all workers), target tokens and input tokens. The caller clips and steps the optimizer."""
+    all workers), target tokens and input tokens. The caller clips and steps the optimizer.
+
+    `backward(scaled_loss)` replaces `scaled_loss.backward()` (DeepSpeed's engine); then the
+    reduction across workers is the engine's, not DDP's `no_sync` bookkeeping."""
     local_targets = sum(target_tokens(b) for b in micro_batches)
     total_targets = all_reduce_sum(float(local_targets))
     if total_targets <= 0:
@@ -76,13 +80,17 @@ def accumulate_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, to
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(loss_module, "no_sync") else loss_module.no_sync()
+        sync = (contextlib.nullcontext() if last or backward is not None or not hasattr(loss_module, "no_sync")
+                else loss_module.no_sync())
         amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
                if autocast_dtype is not None else contextlib.nullcontext())
         with sync:
             with amp:
                 loss, _ = loss_module(mb["input_ids"], mb["labels"], mb["position_ids"])
-            (loss * scale).backward()
+            if backward is None:
+                (loss * scale).backward()
+            else:
+                backward(loss * scale)
         loss_sum += float(loss.detach())
         input_tokens += int(mb["input_ids"].numel())
     total_loss = all_reduce_sum(loss_sum)

@@ -11,6 +11,7 @@ COMMANDS = {
     "grpo": ("jobs.grpo", "GRPO reinforcement learning (vLLM/HF rollouts, reward actors, learner)"),
     "serve": ("jobs.serve", "OpenAI-compatible endpoint on Ray Serve"),
     "bench": ("jobs.bench", "benchmark against the peers (HF+PEFT, Liger, Unsloth)"),
+    "bench-scale": ("jobs.bench_scale", "SFT throughput across strategies and worker counts (DDP, ZeRO-2/3)"),
     "export": ("jobs.export", "export a run: adapter, merged16, merged4, gguf"),
     "eval": ("jobs.eval", "exact-match evaluation (greedy or self-consistency)"),
     "demo": ("jobs.demo", "the built-in demo: SFT then GRPO on the arithmetic task"),
@@ -19,7 +20,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: posttrain COMMAND [CONFIG.yaml] [key=value ...]", "", "commands:"]
-    lines += [f"  {name:<8} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<11} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`posttrain COMMAND --help` shows a command's options."]
     return "\n".join(lines)
 

@@ -618,11 +618,12 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     return summary
 
 
-def demo_grpo(sft_dir: str, output_dir: str, overrides: list[str] | None = None) -> dict:
-    """The demo's GRPO stage: tiny-grpo.yaml from an SFT run folder (its merged model)."""
+def demo_grpo(output_dir: str, overrides: list[str] | None = None) -> dict:
+    """The demo's GRPO stage: tiny-grpo.yaml as it is (its own full fine-tuning warm-up into
+    OUTPUT_DIR/sft, then GRPO), with `overrides` (the demo shortens max_steps)."""
     here = os.path.dirname(os.path.abspath(__file__))
     cfg = load(GRPOJobConfig, os.path.join(here, "configs", "tiny-grpo.yaml"),
-               [f"output_dir={output_dir}", f"model.path={os.path.join(sft_dir, 'merged')}"] + list(overrides or []))
+               [f"output_dir={output_dir}"] + list(overrides or []))
     return run_grpo(cfg)
 
 

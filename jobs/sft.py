@@ -74,6 +74,16 @@ class SFTJobConfig:
             raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
         if self.model.finetune == "qlora" and not self.trainer.use_gpu:
             raise ValueError("model.finetune: qlora needs trainer.use_gpu=true (NF4 weights live on a CUDA GPU)")
+        if self.trainer.strategy == "deepspeed":
+            if self.model.finetune == "qlora":
+                raise ValueError("model.finetune: qlora does not run under trainer.strategy=deepspeed "
+                                 "(ZeRO cannot shard bitsandbytes NF4 weights); use strategy ddp")
+            if self.model.gradient_checkpointing == "offload":
+                raise ValueError("model.gradient_checkpointing: offload is for DDP; under deepspeed use "
+                                 "true, and trainer.deepspeed.offload_optimizer/offload_params")
+            if self.trainer.optimizer == "adamw_8bit" and self.trainer.deepspeed.zero_stage == 3:
+                raise ValueError("trainer.optimizer: adamw_8bit does not run with ZeRO-3 sharded weights; "
+                                 "use adamw")
 
 
 def init_ray(min_cpus: int = 1):

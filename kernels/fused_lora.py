@@ -265,3 +265,22 @@ def remove_fused_lora(model: nn.Module) -> int:
 
 def fused_lora_applied(model: nn.Module) -> bool:
     return any(_PREV in m.__dict__ for m in model.modules())
+
+
+def fused_reads(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """(module, modules whose weights its fused forward reads) for every fused module: an MLP
+    reads gate/up/down, each of q/k/v reads the whole group, a single linear reads itself. Weight
+    sharding (ZeRO-3) needs this, since those weights are read without their owners' forward."""
+    out = []
+    for m in model.modules():
+        d = m.__dict__
+        if _PREV not in d:
+            continue
+        if "_fused_lora_glu" in d:
+            reads = [m.gate_proj, m.up_proj, m.down_proj]
+        elif "_fused_lora_qkv" in d:
+            reads = list(d["_fused_lora_qkv"].mods)
+        else:
+            reads = [m]
+        out.append((m, reads))
+    return out

@@ -96,7 +96,8 @@ class ModelConfig:
     path: a local Hugging Face model folder (config.json + safetensors); wins over preset.
     tokenizer: a local tokenizer folder; default: `path`, or the run's trained tokenizer.
     finetune: lora | qlora (NF4 base, GPU only) | full.
-    dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.
+    dtype: auto (bf16 on GPU, fp32 on CPU; fp32 for full fine-tuning, computed in bf16 under
+        autocast on GPU, so that optimizer updates are not rounded away) | float32 | bfloat16 | float16.
     gradient_checkpointing: true (recompute each decoder layer in backward) | "offload" (also keep the
         saved layer inputs in pinned CPU memory, copied on a side stream) | false.
     train_embeddings: also train embed_tokens and lm_head (CPT); their lr is trainer.embedding_lr.
@@ -124,7 +125,12 @@ class ModelConfig:
 
 
 def torch_dtype(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.dtype:
+    """Weight dtype. auto: bf16 on GPU, fp32 on CPU - except full fine-tuning, which keeps fp32
+    weights on GPU too (computed in bf16 under autocast): AdamW on bf16 weights loses every update
+    smaller than bf16's resolution (at lr 1e-5 most of them), and training stalls."""
     if cfg.dtype == "auto":
+        if cfg.finetune == "full":
+            return torch.float32
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return getattr(torch, cfg.dtype)
 

@@ -204,6 +204,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Mixed precision (fp32 weights, bf16 compute): do autocast's cast here, once, as
+        # differentiable ops (the gradient flows back to the fp32 weight through them); the chunk
+        # loop then runs in one dtype, with autocast off.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, softcap, reduction,
+                                        chunk_tokens=chunk_tokens, mode=mode)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: expected hidden [N, H] and weight [V, H], got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")

@@ -199,3 +199,22 @@ def test_fused_cross_entropy_peak_memory_gpu():
               f"{'trained' if weight_grad else 'frozen'}): fused {m_fused / gib:.2f} GiB, "
               f"unfused {m_unfused / gib:.2f} GiB, ratio {m_fused / m_unfused:.3f}")
         assert m_fused < m_unfused / 4
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_fp32_weights_under_bf16_autocast_match_the_reference(mode):
+    """Mixed precision (full fine-tuning: fp32 weights, bf16 autocast): the fused loss runs in
+    autocast's dtype and its gradients reach the fp32 leaves in fp32. It used to fail here:
+    `torch.mm(..., out=)` got bf16 logits and an fp32 output buffer."""
+    hidden, weight, targets = _inputs(5 * 123, 24, 341, torch.float32)
+    h1, w1 = leaf(hidden), leaf(weight)
+    h2, w2 = leaf(hidden), leaf(weight)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h1, w1, targets, reduction="sum", mode=mode)
+        ref = reference_linear_cross_entropy(h2, w2, targets, reduction="sum")
+    loss.backward()
+    ref.backward()
+    assert h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+    assert_close(loss, ref, 2e-2, 2e-2)
+    assert_close(h1.grad, h2.grad, 2e-2, 2e-2)
+    assert_close(w1.grad, w2.grad, 2e-2, 2e-2)
