@@ -268,8 +268,9 @@ class Learner:
         self.model = add_lora(base, model_cfg)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=tuple(cfg.betas))
+        from kernels.qlora import make_optimizer
+
+        self.opt = make_optimizer(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         self.step = 0
         self.group = None  # broadcast WeightGroup (rank 0 only)
         self._keepalive = None  # tensors whose CUDA IPC handles are out

@@ -4,8 +4,9 @@
     tensorboard --logdir runs/tiny-sft/tensorboard
 
 report.png has one panel per quantity that the run logged, in this order: loss (+ eval_loss),
-learning rate, gradient norm, tokens/s, peak GPU memory; for GRPO: reward (mean and
-`reward/<fn>` per function), KL, response length, accuracy. Absent keys give no panel.
+learning rate, gradient norm, tokens/s, peak GPU memory; for GRPO: reward means (overall and
+`reward/<fn>/mean` per function), their spread (std), reward failures and timeouts (counts), KL,
+response length, accuracy. Absent keys give no panel.
 
 RayMetrics exports step metrics as `ray.util.metrics.Gauge`s (Prometheus, Ray dashboard); it does
 nothing when Ray is not initialised, so drivers can call it unconditionally.
@@ -28,6 +29,7 @@ class Panel:
     ylabel: str
     keys: tuple[str, ...] = ()      # exact keys, plotted if present
     prefixes: tuple[str, ...] = ()  # every key starting with one of these (e.g. "reward/")
+    suffixes: tuple[str, ...] = ()  # ... and, when given, ending with one of these
     log_y: bool = False
 
 
@@ -37,9 +39,14 @@ PANELS = (
     Panel("Gradient norm", "L2 norm (before clipping)", ("grad_norm",)),
     Panel("Throughput", "tokens / s", ("tokens_per_s",)),
     Panel("Peak GPU memory", "GiB", ("peak_mem_gib",)),
-    Panel("Reward", "mean reward", ("reward_mean", "reward"), ("reward/", "rewards/")),
+    Panel("Reward", "mean reward", ("reward_mean", "reward", "reward/mean", "reward/train_mean"),
+          ("reward/", "rewards/"), ("/mean",)),
+    Panel("Reward spread", "std of rewards", ("reward/std",), ("reward/",), ("/std",)),
+    Panel("Reward failures", "samples per step", (), ("reward/",), ("/failures", "/timeouts")),
     Panel("KL to reference", "KL (per token)", ("kl", "kl_mean")),
-    Panel("Response length", "tokens", ("response_length", "response_length_mean", "completion_length")),
+    Panel("Response length", "tokens", ("response_length", "response_length_mean", "completion_length",
+                                        "response_length/mean", "response_length/max")),
+    Panel("Phase time", "seconds per step", ("time/step_s",), ("time/",), ("_s",)),
     Panel("Accuracy", "fraction correct", ("accuracy", "eval_accuracy", "train_accuracy")),
 )
 
@@ -69,16 +76,19 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def _panel_keys(panel: Panel, keys: list[str]) -> list[str]:
     out = [k for k in panel.keys if k in keys]
-    out += sorted(k for k in keys if any(k.startswith(p) for p in panel.prefixes) and k not in out)
+    out += sorted(k for k in keys if any(k.startswith(p) for p in panel.prefixes) and k not in out
+                  and (not panel.suffixes or k.endswith(panel.suffixes)))
     return out
 
 
-def _ema(ys: list[float], alpha: float) -> list[float]:
-    out, m = [], None
-    for y in ys:
-        if math.isfinite(y):
-            m = y if m is None else alpha * y + (1 - alpha) * m
-        out.append(m if m is not None else float("nan"))
+def _smooth(ys: list[float], window: int) -> list[float]:
+    """Centred moving mean over `window` points (shrinking at the ends, NaNs skipped): unlike an
+    exponential average it does not lag behind a fast-falling loss."""
+    half = max(1, window) // 2
+    out = []
+    for i in range(len(ys)):
+        vals = [y for y in ys[max(0, i - half): i + half + 1] if math.isfinite(y)]
+        out.append(sum(vals) / len(vals) if vals else float("nan"))
     return out
 
 
@@ -103,9 +113,11 @@ def plot_metrics(rows: list[dict], path: str, title: str = "") -> str | None:
             if sparse:
                 ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=k)
             elif len(xs) > 100 and k in ("loss", "reward_mean", "grad_norm", "kl"):
-                # long noisy runs: the raw curve faint, an exponential moving average on top
+                # long noisy runs: the raw curve faint, a centred moving mean on top
+                window = max(5, len(xs) // 25) | 1
                 line, = ax.plot(xs, ys, linewidth=0.8, alpha=0.35, label=k)
-                ax.plot(xs, _ema(ys, 0.05), linewidth=1.5, color=line.get_color(), label=f"{k} (EMA 0.05)")
+                ax.plot(xs, _smooth(ys, window), linewidth=1.5, color=line.get_color(),
+                        label=f"{k} (centred mean of {window})")
                 ax.legend(fontsize=8)
             else:
                 ax.plot(xs, ys, linewidth=1.2, label=k)

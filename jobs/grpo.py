@@ -206,30 +206,12 @@ class GRPOJobConfig:
 # ----------------------------------------------------------------------------------------------
 
 def init_ray(cfg: GRPOJobConfig):
-    import ray
+    """Ray for the GRPO job: a local instance gets CPUs for every actor the config asks for."""
+    from cluster.ray_session import init_ray as connect
 
-    if ray.is_initialized():
-        return ray
-    address = os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
-    if address:
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True)
-        return ray
     need = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.grpo.num_learners * cfg.grpo.num_cpus
             + cfg.reward.num_actors * cfg.reward.num_cpus)
-    cpus = cfg.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(need) + 1, 4)
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    for attempt in range(3):  # a raylet gets 30 s to register: on a saturated machine, try again
-        try:
-            ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=True,
-                     runtime_env=env)
-            return ray
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            print(f"[grpo] Ray start timed out (busy machine?); retrying ({attempt + 1}/2)", flush=True)
-            ray.shutdown()
-    return ray
+    return connect(min_cpus=max(math.ceil(need) + 1, 4), num_cpus=cfg.ray_num_cpus, tag="grpo")
 
 
 def prepare_start_model(cfg: GRPOJobConfig, files: RunFiles) -> GRPOJobConfig:

@@ -20,7 +20,6 @@ Running it again with the same output_dir resumes from the last checkpoint (trai
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -28,6 +27,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from cluster.data import DataConfig, build_datasets
+from cluster.ray_session import init_ray
 from cluster.run_files import RunFiles
 from cluster.train import TrainConfig, TrainSpec, fit
 from jobs.config import ConfigError, dump_yaml, load
@@ -84,36 +84,6 @@ class SFTJobConfig:
             if self.trainer.optimizer == "adamw_8bit" and self.trainer.deepspeed.zero_stage == 3:
                 raise ValueError("trainer.optimizer: adamw_8bit does not run with ZeRO-3 sharded weights; "
                                  "use adamw")
-
-
-def init_ray(min_cpus: int = 1):
-    """Connect to RAY_ADDRESS (a cluster, or `ray job submit`), else start a local instance.
-
-    A local instance gets at least `min_cpus` logical CPUs (training workers plus room for Ray
-    Data tasks): on a 2-core machine two CPU workers would otherwise leave the data pipeline
-    no CPU to run on, and training would wait forever.
-    """
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if ray.is_initialized():
-        return ray
-    address = os.environ.get("RAY_ADDRESS")
-    env = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    if address:
-        # Under `ray job submit` the job's runtime_env is inherited and Ray refuses to merge a key
-        # set twice (even to the same value): only add the variables the job did not set.
-        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {})
-        job_vars = (job_env or {}).get("env_vars", {}) or {}
-        missing = {k: v for k, v in env.items() if k not in job_vars}
-        ray.init(address=address, runtime_env={"env_vars": missing} if missing else None,
-                 configure_logging=False)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
-                 configure_logging=False, runtime_env={"env_vars": env})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return ray
 
 
 def prepare_tokenizer(cfg: SFTJobConfig, files: RunFiles) -> str:

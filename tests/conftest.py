@@ -50,3 +50,25 @@ def tiny_tokenizer_dir(tmp_path_factory):
     train, _ = generate(400, 20, seed=123)
     train_tokenizer(tokenizer_corpus(train), vocab_size=512, out_dir=out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_merged_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """Factory: `tiny_merged_dir(dtype=torch.bfloat16)` -> a model folder as save_merged writes it
+    (tiny preset, random weights with seed 0, the tiny tokenizer); one folder per dtype."""
+    import torch
+
+    made: dict = {}
+
+    def make(dtype=torch.bfloat16) -> str:
+        if dtype not in made:
+            from kernels.model import ModelConfig, build_model, save_merged
+            from kernels.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(tiny_tokenizer_dir)
+            model = build_model(ModelConfig(preset="tiny"), vocab_size=len(tok), seed=0)
+            out = str(tmp_path_factory.mktemp(f"tiny-merged-{str(dtype).split('.')[-1]}") / "merged")
+            made[dtype] = save_merged(model, out, tokenizer=tok, dtype=dtype)
+        return made[dtype]
+
+    return make

@@ -22,8 +22,8 @@ def _sft_rows(n=60):
 
 
 def _grpo_rows(n=12):
-    return [{"step": s, "loss": 0.01 * s, "reward_mean": 0.1 * s, "reward/math_answer": 0.05 * s,
-             "reward/format": 0.5, "kl": 0.001 * s, "response_length": 20 + s, "accuracy": 0.05 * s,
+    return [{"step": s, "loss": 0.01 * s, "reward_mean": 0.1 * s, "reward/math_answer/mean": 0.05 * s,
+             "reward/format/mean": 0.5, "kl": 0.001 * s, "response_length": 20 + s, "accuracy": 0.05 * s,
              "lr": 1e-6, "grad_norm": "nan" if s == 3 else 0.5, "phase": "train"} for s in range(1, n + 1)]
 
 
@@ -65,12 +65,12 @@ def test_grpo_report_panels_and_tensorboard(tmp_path):
     rows = _grpo_rows()
     keys = sorted({k for r in rows for k in r})
     reward = next(p for p in PANELS if p.title == "Reward")
-    assert _panel_keys(reward, keys) == ["reward_mean", "reward/format", "reward/math_answer"]
+    assert _panel_keys(reward, keys) == ["reward_mean", "reward/format/mean", "reward/math_answer/mean"]
     d = _write(tmp_path, rows, "grpo")
     out = write_report(d)
     assert os.path.getsize(out["png"]) > 10_000
     tags = set(_scalars(out["tensorboard"]).Tags()["scalars"])
-    assert {"reward/math_answer", "reward/format", "kl", "response_length", "accuracy"} <= tags
+    assert {"reward/math_answer/mean", "reward/format/mean", "kl", "response_length", "accuracy"} <= tags
     assert "phase" not in tags  # strings are not metrics
 
 
@@ -121,3 +121,22 @@ def test_ray_metrics_gauges(ray_local):
     assert m.log({"step": 2, "loss": 0.5, "reward/math_answer": 0.25, "phase": "x", "kl": float("nan")}) == 3
     assert set(m._gauges) == {"posttrain_step", "posttrain_loss", "posttrain_reward_math_answer"}
     assert m.log({"loss": 0.4}) == 1 and len(m._gauges) == 3  # gauges are reused
+
+
+def test_smoothing_is_centred_and_does_not_lag():
+    from cluster.report import _smooth
+
+    ys = [100.0 - i for i in range(50)]  # a steadily falling loss
+    sm = _smooth(ys, 9)
+    assert sm[25] == pytest.approx(ys[25])  # a centred mean of a straight line is the line
+    assert sm[0] == pytest.approx(sum(ys[:5]) / 5)  # ends use what is there
+    assert _smooth([1.0, float("nan"), 3.0], 3)[1] == pytest.approx(2.0)
+
+
+def test_grpo_reward_keys_are_split_by_kind():
+    keys = ["reward/mean", "reward/std", "reward/train_mean", "reward/math_answer/mean", "reward/math_answer/std",
+            "reward/math_answer/failures", "reward/math_answer/timeouts", "time/reward_s"]
+    by_title = {p.title: _panel_keys(p, keys) for p in PANELS}
+    assert by_title["Reward"] == ["reward/mean", "reward/train_mean", "reward/math_answer/mean"]
+    assert by_title["Reward spread"] == ["reward/std", "reward/math_answer/std"]
+    assert by_title["Reward failures"] == ["reward/math_answer/failures", "reward/math_answer/timeouts"]

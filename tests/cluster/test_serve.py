@@ -26,15 +26,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def merged_dir(tmp_path_factory, tiny_tokenizer_dir):
-    from kernels.model import ModelConfig, build_model, save_merged
-    from kernels.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    model = build_model(ModelConfig(preset="tiny"), vocab_size=len(tok), seed=0)
-    out = str(tmp_path_factory.mktemp("serve") / "merged")
-    save_merged(model, out, tokenizer=tok)
-    return out
+def merged_dir(tiny_merged_dir):
+    return tiny_merged_dir()
 
 
 @pytest.fixture(scope="module")

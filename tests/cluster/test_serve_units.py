@@ -156,16 +156,15 @@ def test_sample_greedy_and_nucleus():
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory, tiny_tokenizer_dir):
+def tiny_dirs(tmp_path_factory, tiny_tokenizer_dir, tiny_merged_dir):
     """A merged model; and a base + LoRA adapter pair whose adapter is not a no-op."""
-    from kernels.model import ModelConfig, add_lora, build_model, save_adapter, save_merged
+    from kernels.model import ModelConfig, add_lora, build_model, save_adapter
     from kernels.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("serve_units")
     tok = load_tokenizer(tiny_tokenizer_dir)
     cfg = ModelConfig(preset="tiny")
-    base = build_model(cfg, vocab_size=len(tok), seed=0)
-    save_merged(base, str(root / "base"), tokenizer=tok, dtype=torch.float32)
+    base_dir = tiny_merged_dir(torch.float32)  # the same preset and seed as the PEFT model below
     peft = add_lora(build_model(cfg, vocab_size=len(tok), seed=0), cfg)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -177,7 +176,7 @@ def tiny_dirs(tmp_path_factory, tiny_tokenizer_dir):
     ids = torch.tensor([tok("Ava has 3 apples.")["input_ids"]])
     with torch.no_grad():
         want = peft(input_ids=ids).logits
-    return {"base": str(root / "base"), "adapter": str(root / "adapter"), "ids": ids, "want": want}
+    return {"base": base_dir, "adapter": str(root / "adapter"), "ids": ids, "want": want}
 
 
 def test_adapter_is_merged_at_load(tiny_dirs):
