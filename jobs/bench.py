@@ -108,7 +108,8 @@ def _run_peer(a, peer: str, model_dir: str, vocab: int, workdir: str, seq: int |
     spec = dict(peer=peer, model_dir=model_dir, mode=a.mode, dtype=a.dtype, device=a.device, rank=a.rank,
                 alpha=a.alpha, seq=seq or a.seq, batch=batch or a.batch, steps=a.steps if steps is None else steps,
                 warmup=a.warmup if warmup is None else warmup, lr=a.lr, optimizer=a.optimizer, seed=a.seed,
-                vocab_size=vocab, fresh_batches=a.fresh_batches, gc=a.gc, unsloth_gc=a.unsloth_gc)
+                vocab_size=vocab, fresh_batches=a.fresh_batches, gc=a.gc, unsloth_gc=a.unsloth_gc,
+                profile=bool(getattr(a, "profile", False)) and not tag)
     name = f"{peer}{tag}"
     spec_path, result_path = os.path.join(workdir, f"{name}.spec.json"), os.path.join(workdir, f"{name}.result.json")
     log_path = os.path.join(workdir, f"{name}.log")
@@ -129,7 +130,20 @@ def _run_peer(a, peer: str, model_dir: str, vocab: int, workdir: str, seq: int |
              if res.get("ok") else f"FAILED: {res['error']}")
     print(f"[bench] {name} (seq {spec['seq']}, batch {spec['batch']}): {state} [{res['wall_s']}s, log {log_path}]",
           flush=True)
+    if res.get("profile"):
+        path = os.path.join(workdir, f"profile-{name}.txt")
+        with open(path, "w") as f:
+            f.write(_profile_text(name, res["profile"]))
+        print(f"[bench] {name}: profile in {path}", flush=True)
     return res
+
+
+def _profile_text(name: str, prof: dict) -> str:
+    lines = [f"{name}: {prof['total_ms_per_step']:.2f} ms per step of {prof['by']}", "",
+             f"{'ms/step':>9} {'share':>6} {'calls':>6}  kernel"]
+    for e in prof["top"]:
+        lines.append(f"{e['ms_per_step']:9.3f} {e['share']:6.1%} {e['calls_per_step']:6.0f}  {e['name']}")
+    return "\n".join(lines) + "\n"
 
 
 def _loss_check(ref: list[float], other: list[float]) -> dict:
@@ -247,6 +261,9 @@ def parse_args(argv):
     s.add_argument("--keep", action="store_true", help="keep the workdir (default: keep only on failure)")
     s.add_argument("--peer-timeout", type=float, default=480.0,
                    help="seconds per subprocess (the device tool stops a command after 600 s)")
+    s.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile 2 more per contender; the top kernels go to the JSON "
+                        "and to WORKDIR/profile-<contender>.txt")
     s.add_argument("--out", default="", help="write the results as JSON here")
     n = sub.add_parser("nf4", help="NF4 dequantisation: our Triton kernel vs bitsandbytes")
     n.add_argument("--shapes", default="2048x2048,512x2048,8192x2048,2048x8192,4096x4096,1024x4096,14336x4096,4096x14336")

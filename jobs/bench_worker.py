@@ -164,6 +164,35 @@ def _versions() -> dict:
     return out
 
 
+def _one_step(model, loss_fn, opt, ids) -> None:
+    loss = loss_fn(ids)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _profile(step, cuda: bool, steps: int = 2, rows: int = 30) -> dict:
+    """torch.profiler over `steps` more steps (after the timed ones): the kernels that take the
+    time, by self device time (CPU time on CPU), per step. For finding where a contender's step
+    goes (matmuls, attention, our Triton kernels, copies) - not for the headline figures."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    top = [{"name": e.key[:120], "ms_per_step": getattr(e, key) / 1e3 / steps, "calls_per_step": e.count / steps,
+            "share": getattr(e, key) / total} for e in events[:rows]]
+    return {"by": key, "total_ms_per_step": total / 1e3 / steps, "top": top}
+
+
 def _train(spec: dict) -> dict:
     import torch
 
@@ -206,7 +235,9 @@ def _train(spec: dict) -> dict:
         step_s.append(time.perf_counter() - t)
     timed = step_s[spec["warmup"]:]
     losses = [float(v) for v in torch.stack(losses).cpu()]
+    profile = _profile(lambda: _one_step(model, loss_fn, opt, ids), cuda) if spec.get("profile") else None
     return {
+        "profile": profile,
         "peer": peer, "ok": True, "tokens_per_s": B * T * len(timed) / sum(timed) if timed else None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
