@@ -73,8 +73,12 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
 
 @pytest.fixture()
 def ray_head():
-    if not shutil.which("ray"):
-        pytest.skip("the `ray` CLI is not on PATH")
+    # the `ray` script of this interpreter's environment (make test runs .venv/bin/python without
+    # activating the venv, so .venv/bin need not be on PATH)
+    bin_dir = os.path.dirname(sys.executable)
+    ray_cli = shutil.which("ray", path=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    if not ray_cli:
+        pytest.skip("the `ray` CLI is neither beside this Python nor on PATH")
     temp_dir = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")        # short: Ray's socket paths
     gcs, dash, client, agent, agent_grpc, metrics, renv = free_ports(7)
     token = secrets.token_hex(32)
@@ -82,11 +86,11 @@ def ray_head():
     env.pop("RAY_ADDRESS", None)
     env.update({
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-        "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
     })
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+        [ray_cli, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
