@@ -40,6 +40,11 @@ def read_state(directory: str) -> dict:
 
 def load_training_state(directory: str, model, optimizer, scheduler) -> dict:
     state = read_state(directory)
+    if not os.path.exists(os.path.join(directory, "optimizer.pt")):
+        if os.path.isdir(os.path.join(directory, "deepspeed")):
+            raise ValueError(f"{directory}: written with trainer.strategy=deepspeed (DeepSpeed shards); "
+                             f"resume it with the same strategy, ZeRO stage and number of workers")
+        raise ValueError(f"{directory}: incomplete checkpoint (no optimizer.pt)")
     weights = load_file(os.path.join(directory, "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
