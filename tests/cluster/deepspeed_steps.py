@@ -1,6 +1,7 @@
 """Three optimizer steps of the tiny LoRA model with fused kernels, in one process (gloo, world
 size 1): plain PyTorch, or DeepSpeed ZeRO-2/3 through cluster.deepspeed_strategy. Prints one
-JSON line {"losses": [...], "grad_norms": [...], "trainable": {name: sum}}. Run by
+JSON line {"losses": [...], "grad_norms": [...], "trainable": {name: sum}}; more config
+overrides come from the environment variable DS_STEPS_OVERRIDES (space-separated). Run by
 test_deepspeed_strategy.py in a subprocess (DeepSpeed keeps process-wide state)."""
 from __future__ import annotations
 

@@ -60,8 +60,8 @@ def test_qlora_under_deepspeed_is_refused():
         load(SFTJobConfig, TINY, ["trainer.strategy=deepspeed", "model.finetune=qlora", "trainer.use_gpu=true"])
 
 
-def _steps(strategy: str, port: int, grad_accum: int = 2) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def _steps(strategy: str, port: int, grad_accum: int = 2, overrides: str = "") -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_STEPS_OVERRIDES=overrides)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cluster", "deepspeed_steps.py"),
                            strategy, str(port), str(grad_accum)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -75,9 +75,14 @@ def plain():
     return _steps("plain", 29611)
 
 
-@pytest.mark.parametrize("stage, port", [("zero2", 29612), ("zero3", 29613)])
-def test_zero_steps_equal_plain_pytorch(plain, stage, port):
-    got = _steps(stage, port)
+@pytest.mark.parametrize("stage, port, overrides", [
+    ("zero2", 29612, ""), ("zero3", 29613, ""),
+    # optimizer state and fp32 master weights (and ZeRO-3 weight shards) in CPU memory
+    ("zero2", 29614, "trainer.deepspeed.offload_optimizer=true"),
+    ("zero3", 29615, "trainer.deepspeed.offload_optimizer=true trainer.deepspeed.offload_params=true"),
+])
+def test_zero_steps_equal_plain_pytorch(plain, stage, port, overrides):
+    got = _steps(stage, port, overrides=overrides)
     assert got["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert got["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-4)
     assert got["losses"][-1] < got["losses"][0]  # it trains
