@@ -142,7 +142,9 @@ def test_submit_tiny_sft_job(ray_head, tmp_path):
     t0 = time.perf_counter()
     runtime_env = {
         "working_dir": ROOT,
-        "excludes": [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache"],
+        # every top-level hidden folder (.git, .venv, caches, local tool kits) and runs/: the job
+        # needs only the project's packages and configs
+        "excludes": sorted(n for n in os.listdir(ROOT) if n.startswith(".")) + ["runs", "**/__pycache__"],
         # the job sets RAY_TRAIN_V2_ENABLED & co. itself in ray.init's runtime_env; Ray refuses
         # to merge a key given both there and here, so only other keys go here
         "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
