@@ -20,14 +20,29 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def rng_state() -> dict:
+    """The torch, numpy and Python random generators' states (restored by `restore_rng`)."""
+    return {"rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state(), "rng_python": random.getstate()}
+
+
+def restore_rng(saved: dict) -> None:
+    torch.set_rng_state(saved["rng_torch"])
+    np.random.set_state(saved["rng_numpy"])
+    random.setstate(saved["rng_python"])
+
+
+def write_state(directory: str, state: dict) -> None:
+    """The counters (step, epoch, ...) as trainer_state.json."""
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump(state, f, indent=2)
+
+
 def save_training_state(directory: str, model, optimizer, scheduler, state: dict) -> None:
     os.makedirs(directory, exist_ok=True)
     save_file(trainable_state(model), os.path.join(directory, "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state(),
-                "rng_python": random.getstate()}, os.path.join(directory, "optimizer.pt"))
-    with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump(state, f, indent=2)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_state()},
+               os.path.join(directory, "optimizer.pt"))
+    write_state(directory, state)
 
 
 def read_state(directory: str) -> dict:
@@ -41,7 +56,9 @@ def read_state(directory: str) -> dict:
 def load_training_state(directory: str, model, optimizer, scheduler) -> dict:
     state = read_state(directory)
     if not os.path.exists(os.path.join(directory, "optimizer.pt")):
-        if os.path.isdir(os.path.join(directory, "deepspeed")):
+        from cluster.deepspeed_strategy import DS_SUBDIR
+
+        if os.path.isdir(os.path.join(directory, DS_SUBDIR)):
             raise ValueError(f"{directory}: written with trainer.strategy=deepspeed (DeepSpeed shards); "
                              f"resume it with the same strategy, ZeRO stage and number of workers")
         raise ValueError(f"{directory}: incomplete checkpoint (no optimizer.pt)")
@@ -57,9 +74,7 @@ def load_training_state(directory: str, model, optimizer, scheduler) -> dict:
     extra = torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng_torch"])
-    np.random.set_state(extra["rng_numpy"])
-    random.setstate(extra["rng_python"])
+    restore_rng(extra)
     return state
 
 

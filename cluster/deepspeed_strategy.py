@@ -18,9 +18,7 @@ The worker builds the model, optimizer and schedule exactly as for DDP and hands
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -150,33 +148,27 @@ def gathered(model, params=None):
 
 def save(directory: str, engine, model, state: dict, rank: int) -> None:
     """Resumable shards (every rank) + consolidated trainable weights and counters (rank 0)."""
-    import numpy as np
     import torch
     from safetensors.torch import save_file
 
-    from cluster.checkpoint import STATE_FILE
+    from cluster.checkpoint import rng_state, trainable_state, write_state
 
     os.makedirs(directory, exist_ok=True)
     engine.save_checkpoint(os.path.join(directory, DS_SUBDIR), tag=DS_TAG, save_latest=False,
                            exclude_frozen_parameters=True)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with gathered(model, [p for _, p in trainable]):
+    with gathered(model, [p for p in model.parameters() if p.requires_grad]):
         if rank == 0:
-            weights = {n: p.detach().cpu().contiguous() for n, p in trainable}
-            save_file(weights, os.path.join(directory, "trainable.safetensors"))
+            save_file(trainable_state(model), os.path.join(directory, "trainable.safetensors"))
     if rank == 0:
-        torch.save({"rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state(),
-                    "rng_python": random.getstate()}, os.path.join(directory, "rng.pt"))
-        with open(os.path.join(directory, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+        torch.save(rng_state(), os.path.join(directory, "rng.pt"))
+        write_state(directory, state)
 
 
 def load(directory: str, engine) -> dict:
     """Restore weights, optimizer and schedule from `save`'s shards; returns the counters."""
-    import numpy as np
     import torch
 
-    from cluster.checkpoint import read_state
+    from cluster.checkpoint import read_state, restore_rng
 
     state = read_state(directory)
     shards = os.path.join(directory, DS_SUBDIR)
@@ -188,8 +180,5 @@ def load(directory: str, engine) -> dict:
     if path is None:
         raise ValueError(f"{shards}: DeepSpeed could not load these shards (written by another "
                          f"number of workers or ZeRO stage?)")
-    extra = torch.load(os.path.join(directory, "rng.pt"), map_location="cpu", weights_only=False)
-    torch.set_rng_state(extra["rng_torch"])
-    np.random.set_state(extra["rng_numpy"])
-    random.setstate(extra["rng_python"])
+    restore_rng(torch.load(os.path.join(directory, "rng.pt"), map_location="cpu", weights_only=False))
     return state

@@ -21,8 +21,10 @@ def init_ray(min_cpus: int = 1, num_cpus: int = 0, tag: str = "ray"):
     """
     import ray
 
-    for k, v in JOB_ENV.items():
-        os.environ.setdefault(k, v)
+    # the driver itself needs Train V2 and quiet Ray Data; TOKENIZERS_PARALLELISM stays as it is
+    # here (the driver trains the tokenizer) and is set only for the workers
+    for k in ("RAY_TRAIN_V2_ENABLED", "RAY_DATA_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(k, JOB_ENV[k])
     if ray.is_initialized():
         return ray
     address = os.environ.get("RAY_ADDRESS")
