@@ -11,6 +11,7 @@ from actors.learner import (GRPOConfig, Learner, chunked_logprobs, collate, make
 from actors.rollout import Sample
 from kernels.model import LoraConfig, ModelConfig, build_model
 from kernels.tokenizer import load_tokenizer
+from lora_helpers import randomise_lora
 
 VOCAB = 512
 LORA = ModelConfig(preset="tiny", dtype="float32", finetune="lora", lora=LoraConfig(r=8, alpha=16))
@@ -31,14 +32,6 @@ def _batch(seed=0, n=6):
     s = _samples(seed, n)
     adv = torch.linspace(-1, 1, n).tolist()
     return make_batch(s, adv)
-
-
-def _perturb_lora(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def test_chunked_logprobs_equal_full_logits_values_and_grads():
@@ -85,7 +78,7 @@ def test_sequence_logprobs_equal_hf_forward():
 def test_reference_with_adapters_disabled_equals_base_model():
     cfg = GRPOConfig(micro_batch_size=4)
     learner = Learner(LORA, cfg, vocab_size=VOCAB, seed=3)
-    _perturb_lora(learner.model)
+    randomise_lora(learner.model, 0)
     base = build_model(LORA, vocab_size=VOCAB, seed=3)  # same seed: the same base weights
     batch = _batch(1)
     ref = learner.compute_logprobs(batch, "reference")
@@ -147,7 +140,7 @@ def test_ppo_epochs_and_minibatches_step_counts_and_clip():
 
 def test_merged_state_equals_peft_merge():
     learner = Learner(LORA, GRPOConfig(), vocab_size=VOCAB, seed=0)
-    _perturb_lora(learner.model, 1)
+    randomise_lora(learner.model, 1)
     merged = copy.deepcopy(learner.model).merge_and_unload().state_dict()
     state = learner.state_for_sync("merged")
     assert state and all(".lora_" not in k and "base_layer" not in k for k in state)

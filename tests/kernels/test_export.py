@@ -14,18 +14,10 @@ from kernels import export as ex
 from kernels.generation import generate_completions
 from kernels.model import PRESETS, ModelConfig, add_lora, build_model, save_adapter
 from kernels.tokenizer import load_tokenizer
+from lora_helpers import randomise_lora
 
 PROMPTS = ["Ava has 3 apples. Ava gets 4 more. How many apples does Ava have now?",
            "A shop had 9 cards and sold 2. How many cards does the shop have now?", "1 + 2 ="]
-
-
-def _randomise_lora(model, seed=1):
-    # PEFT starts lora_B at zero (merged == base); give the adapter a real delta
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def _base(peft_model):
@@ -43,7 +35,7 @@ def run_dir(tmp_path_factory, tiny_tokenizer_dir):
     cfg = ModelConfig(preset="tiny", dtype="float32")
     vocab = max(PRESETS["tiny"]["vocab_size"], len(tok))  # the SFT job's rule for presets
     model = add_lora(build_model(cfg, vocab_size=vocab, seed=7), cfg)
-    _randomise_lora(model)
+    randomise_lora(model)
     save_adapter(model, str(root / "adapter"))
     conf = {"output_dir": str(root), "seed": 7,
             "model": {"preset": "tiny", "path": "", "finetune": "lora", "dtype": "auto",
@@ -441,7 +433,7 @@ def test_qlora_run_export_gpu(tiny_tokenizer_dir, tmp_path):
     cfg = ModelConfig(preset="tiny", finetune="qlora")
     vocab = max(PRESETS["tiny"]["vocab_size"], len(tok))
     model = add_lora(build_qlora_model(cfg, vocab_size=vocab, device="cuda", seed=3), cfg)
-    _randomise_lora(model)
+    randomise_lora(model)
     save_adapter(model, str(root / "adapter"))
     (root / "config.yaml").write_text(yaml.safe_dump(
         {"seed": 3, "trainer": {"use_gpu": True}, "model": {"preset": "tiny", "finetune": "qlora"}}))
@@ -548,7 +540,7 @@ def test_merge_into_nf4_base_dequantises_first():
                 setattr(parent, name, q)
     model.is_loaded_in_4bit = True
     pm = add_lora(model, cfg)
-    _randomise_lora(pm)
+    randomise_lora(pm)
     layer = pm.base_model.model.model.layers[1].mlp.down_proj
     packed = layer.base_layer.weight.data.clone()
     merged = ex.merged_copy(pm)
@@ -577,7 +569,7 @@ def test_merged4_roundtrip_on_bitsandbytes_cpu_backend(tiny_tokenizer_dir, tmp_p
     # widths that are multiples of the 64-element NF4 block (the CPU backend's packing needs it)
     cfg = ModelConfig(preset="tiny", dtype="float32", config_overrides={"intermediate_size": 384})
     model = add_lora(build_model(cfg, vocab_size=512, seed=0), cfg)
-    _randomise_lora(model)
+    randomise_lora(model)
     out = ex.write_merged4(model, tok, str(tmp_path / "m4"), device="cpu")
     conf = json.load(open(os.path.join(out, "config.json")))
     assert conf["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
@@ -619,7 +611,7 @@ def llama1b_run(tmp_path_factory, tiny_tokenizer_dir):
     cfg = ModelConfig(preset="llama-3.2-1b", dtype="float32")
     t0 = time.time()
     model = add_lora(build_model(cfg, vocab_size=PRESETS["llama-3.2-1b"]["vocab_size"], seed=0), cfg)
-    _randomise_lora(model)
+    randomise_lora(model)
     save_adapter(model, str(root / "adapter"))
     del model
     (root / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "model": {"preset": "llama-3.2-1b", "finetune": "lora"}}))
