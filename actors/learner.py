@@ -243,7 +243,7 @@ class Learner:
                  rank: int = 0, world_size: int = 1, pad_id: int = 0, num_threads: int = 0):
         import copy
 
-        from kernels.model import add_lora, build_model
+        from kernels.model import add_lora, build_model, enable_gradient_checkpointing
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -259,7 +259,7 @@ class Learner:
             torch.cuda.set_device(self.device)
         base = build_model(model_cfg, vocab_size=vocab_size, device=self.device, seed=seed)
         if model_cfg.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(base)
         self.is_lora = model_cfg.finetune in ("lora", "qlora")
         # full fine-tuning: a frozen copy is the reference (LoRA: the adapter is switched off instead)
         self.ref_model = None

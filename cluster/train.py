@@ -147,7 +147,7 @@ def _build_for_training(spec: TrainSpec, device):
     """Model with adapters, kernels patched, checkpointing set; returns (model, notes)."""
     import torch
 
-    from kernels.model import add_lora, build_model
+    from kernels.model import add_lora, build_model, enable_gradient_checkpointing
 
     notes = {}
     if spec.model.finetune == "qlora":
@@ -179,7 +179,7 @@ def _build_for_training(spec: TrainSpec, device):
 
         notes["offloaded_checkpointing_layers"] = enable_offloaded_checkpointing(model)
     elif spec.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
         notes["gradient_checkpointing"] = True
     model.train()
     return model, notes

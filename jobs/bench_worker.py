@@ -46,7 +46,7 @@ def _init_lora(model, seed: int) -> int:
 def _build_ours(spec: dict):
     from kernels.fused_lora import apply_fused_lora
     from kernels.loss import causal_lm_loss_sum
-    from kernels.model import LoraConfig, ModelConfig, add_lora, build_model
+    from kernels.model import LoraConfig, ModelConfig, add_lora, build_model, enable_gradient_checkpointing
 
     cfg = ModelConfig(path=spec["model_dir"], finetune=spec["mode"], dtype=spec["dtype"], attn_implementation="sdpa",
                       lora=LoraConfig(r=spec["rank"], alpha=spec["alpha"], dropout=0.0, target_modules=LORA_TARGETS))
@@ -72,7 +72,7 @@ def _build_ours(spec: dict):
 
         enable_offloaded_checkpointing(model)
     else:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     info["gradient_checkpointing"] = gc
     model.train()
 

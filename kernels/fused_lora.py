@@ -27,6 +27,7 @@ the MLP block.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 from dataclasses import dataclass
@@ -54,9 +55,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def no_autocast(device_type: str):
-    """The fused functions cast explicitly; autocast must not re-cast their in-place matmuls."""
-    return torch.autocast(device_type, enabled=False)
+    """The fused functions cast explicitly; autocast must not re-cast their in-place matmuls.
+    (A no-op context when autocast is off: the common case costs nothing per call.)"""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 def base_weight(linear: nn.Module, dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
@@ -75,6 +82,48 @@ def base_bias(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
     if b is None:
         return None
     return b if b.dtype == dtype else b.to(dtype)
+
+
+def stacked_base_weight(linears, dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
+    """The frozen weights of several base linears reading the same input, stacked by rows into one
+    [sum out, in] matrix in `dtype` (one GEMM instead of several); NF4 weights are dequantised
+    straight into their rows. A fresh buffer the caller drops after its matmul."""
+    if len(linears) == 1:
+        return base_weight(linears[0], dtype, mode)
+    ws = [lin.weight for lin in linears]
+    if not any(is_4bit_weight(w) for w in ws):
+        return torch.cat([w if w.dtype == dtype else w.to(dtype) for w in ws], 0)
+    out = torch.empty((sum(lin.out_features for lin in linears), linears[0].in_features), dtype=dtype,
+                      device=ws[0].device)
+    row = 0
+    for lin, w in zip(linears, ws):
+        block = out[row:row + lin.out_features]  # contiguous rows
+        if is_4bit_weight(w):
+            dequantize_bnb_weight(w, dtype=dtype, mode=mode, out=block)
+        else:
+            block.copy_(w)
+        row += lin.out_features
+    return out
+
+
+def stacked_base_bias(linears, dtype: torch.dtype) -> torch.Tensor | None:
+    """Their biases stacked the same way (zeros for a linear without one); None if none has one."""
+    bs = [base_bias(lin, dtype) for lin in linears]
+    if all(b is None for b in bs):
+        return None
+    if len(bs) == 1:
+        return bs[0]
+    return torch.cat([b if b is not None else torch.zeros(lin.out_features, dtype=dtype, device=lin.weight.device)
+                      for b, lin in zip(bs, linears)])
+
+
+def scaled_grad(m: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+    """s * m as a contiguous gradient of `dtype`: one multiply that writes the parameter's dtype
+    directly (fp32 adapters under bf16 compute: no rounding to bf16 first, no separate cast).
+    `m` may be a block of a larger product."""
+    if m.dtype == dtype:
+        return m.mul_(s) if m.is_contiguous() else m.mul(s)
+    return torch.mul(m, s, out=torch.empty(m.shape, dtype=dtype, device=m.device))
 
 
 @dataclass
@@ -121,8 +170,44 @@ def static_reason(module: nn.Module) -> str | None:
     return None
 
 
+_PARTS = "_fused_lora_parts"  # per module: (state key, LoraParts, objects the key names) of the last call
+
+
+def _parts_key(module: nn.Module):
+    """What lora_parts depends on, read from plain attributes (PEFT's properties and Module.__getattr__
+    cost microseconds per call, and every fused forward asks)."""
+    active = module._active_adapter
+    name = active if isinstance(active, str) else (active[0] if len(active) == 1 else None)
+    if name is None:
+        return None, None
+    a = module._modules["lora_A"]._modules.get(name)
+    b = module._modules["lora_B"]._modules.get(name)
+    drop = module._modules["lora_dropout"]._modules.get(name)
+    # objects by id: the cache holds them, so their ids cannot be reused while it lives
+    return name, (module._disable_adapters, name, len(module.merged_adapters),
+                  id(a._parameters.get("weight")) if a is not None else None,
+                  id(b._parameters.get("weight")) if b is not None else None,
+                  id(module._modules.get("base_layer")), id(drop), getattr(drop, "p", None),
+                  module.scaling.get(name), name in getattr(module, "lora_variant", ()))
+
+
 def lora_parts(module: nn.Module) -> LoraParts | None:
-    """The fused view of a LoRA linear right now, or None when this call must take PEFT's path."""
+    """The fused view of a LoRA linear right now, or None when this call must take PEFT's path.
+    Cached on the module while the adapter state it was built from is unchanged (same active
+    adapter, enable/merge state, adapter weight objects, dropout module and scaling)."""
+    name, key = _parts_key(module)
+    cached = module.__dict__.get(_PARTS)
+    if cached is not None and key is not None and cached[0] == key:
+        return cached[1]
+    parts = _lora_parts_uncached(module)
+    if key is not None:  # the objects named in the key are kept too, so that their ids stay theirs
+        keep = (module._modules["lora_dropout"]._modules.get(name), module._modules.get("base_layer"),
+                module._modules["lora_A"]._modules.get(name), module._modules["lora_B"]._modules.get(name))
+        object.__setattr__(module, _PARTS, (key, parts, keep))
+    return parts
+
+
+def _lora_parts_uncached(module: nn.Module) -> LoraParts | None:
     if module.disable_adapters or module.merged:
         return None
     active = module.active_adapters
@@ -161,7 +246,7 @@ def _uninstall(module: nn.Module) -> bool:
         return False
     had, prev = module.__dict__.pop(_PREV)
     module.__dict__.pop(_MODE, None)
-    for attr in ("_fused_lora_qkv", "_fused_lora_glu"):
+    for attr in ("_fused_lora_qkv", "_fused_lora_glu", _PARTS):
         module.__dict__.pop(attr, None)
     cur = module.__dict__.get("forward")
     if getattr(getattr(cur, "__func__", None), "_fused_lora", False):

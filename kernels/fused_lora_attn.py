@@ -1,22 +1,31 @@
 """Fused LoRA projections: k adapted linears reading the same input (Q/K/V: k = 3; O or any other
 single LoRA linear: k = 1), one autograd node with a hand-written backward.
 
-Forward, for each projection i (W_i frozen [o_i, h], A_i [r_i, h], B_i [o_i, r_i], scale s_i):
+Forward (W_i frozen [o_i, h], A_i [r_i, h], B_i [o_i, r_i], scale s_i), as three matmuls
+whatever k is:
 
-    XA   = X [A_1; ...; A_k]^T                    [N, sum r]   one matmul for all adapters
-    Y_i  = X W_i^T (+ bias_i) + s_i XA_i B_i^T     [N, o_i]
+    W    = [W_1; ...; W_k]                          [sum o, h]   frozen rows stacked (NF4: dequantised into them)
+    Bd   = blockdiag(B_1, ..., B_k)                 [sum o, sum r]  (s_i folded in when they differ)
+    XA   = X [A_1; ...; A_k]^T                      [N, sum r]
+    Y    = X W^T (+ stacked biases) + s XA Bd^T     [N, sum o]   Y_i = its columns o_i
 
-Saved: X and XA (and the adapter weights). Backward, given dY_i:
+Saved: X and XA (the adapters, cast, ride on ctx). Backward, given dY = [dY_1, ..., dY_k]:
 
-    dB_i = s_i dY_i^T XA_i                         [o_i, r_i]
-    G_i  = s_i dY_i B_i                            [N, r_i]
-    dA   = [G_1, ..., G_k]^T X                     [sum r, h]   one matmul
-    dX   = sum_i dY_i W_i + [G_1, ..., G_k] [A_1; ...; A_k]    accumulated into one buffer
+    dB_i = s_i (dY^T XA)_ii                         diagonal blocks of one [sum o, sum r] product
+    G    = s dY Bd                                  [N, sum r]   = [s_i dY_i B_i]
+    dA   = G^T X                                    [sum r, h]
+    dX   = dY W + G [A_1; ...; A_k]
+
+One GEMM per product instead of one per projection: the host issues a third of the calls
+(the training step is bound by how fast the host issues kernels at 1B sizes), and the GPU runs
+one wide matmul instead of a wide one and two narrow ones. The stacked W is a transient copy
+(dequantised NF4 is one anyway).
 
 The attention module itself is not rewritten: its q_proj/k_proj/v_proj keep being called as the
 model family's own forward does (RoPE, q/k norms, attention kernels untouched). The first of the
 three called with an input computes all three outputs through one fused node and hands the
-other two to their modules when they are called with the same input tensor.
+other two to their modules when they are called with the same input tensor. The outputs are
+column blocks of one buffer (views; the families' .view/.transpose work on them).
 """
 from __future__ import annotations
 
@@ -25,8 +34,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_lora import (_install, base_bias, base_weight, call_previous, compute_dtype, fused_forward,
-                                lora_parts, module_mode, no_autocast)
+from kernels.fused_lora import (_install, call_previous, compute_dtype, fused_forward, lora_parts, module_mode,
+                                no_autocast, scaled_grad, stacked_base_bias, stacked_base_weight)
 
 
 class LoRAProjFunction(torch.autograd.Function):
@@ -36,75 +45,71 @@ class LoRAProjFunction(torch.autograd.Function):
     def forward(ctx, x, mode, bases, scalings, *ab):
         dt = compute_dtype(x)
         lead = x.shape[:-1]
+        k = len(bases)
         with no_autocast(x.device.type):
             X = x.reshape(-1, x.shape[-1]).to(dt)  # [..., h] -> [N, h]
             As = [a.to(dt) for a in ab[0::2]]
             Bs = [b.to(dt) for b in ab[1::2]]
-            ranks = [a.shape[0] for a in As]
-            A_all = As[0] if len(As) == 1 else torch.cat(As, 0)  # [sum r, h]
-            XA = X @ A_all.t()  # [N, h] x [h, sum r] -> [N, sum r]
-            outs, off = [], 0
-            for base, s, B, r in zip(bases, scalings, Bs, ranks):
-                W = base_weight(base, dt, mode)
-                Y = F.linear(X, W, base_bias(base, dt))  # [N, o]
-                del W  # NF4: the dequantised copy dies here
-                Y.addmm_(XA[:, off:off + r], B.t(), alpha=s)
-                outs.append(Y.view(*lead, Y.shape[-1]))
-                off += r
-        ctx.save_for_backward(X, XA, *ab)
-        ctx.mode, ctx.bases, ctx.scalings, ctx.ranks, ctx.dt = mode, bases, scalings, ranks, dt
+            A_all = As[0] if k == 1 else torch.cat(As, 0)  # [sum r, h]
+            same = all(s == scalings[0] for s in scalings)
+            alpha = scalings[0] if same else 1.0
+            if k == 1:
+                B_all = Bs[0]
+            else:  # [sum o, sum r]
+                B_all = torch.block_diag(*(Bs if same else [b * s for b, s in zip(Bs, scalings)]))
+            XA = F.linear(X, A_all)  # [N, sum r]
+            W = stacked_base_weight(bases, dt, mode)
+            Y = F.linear(X, W, stacked_base_bias(bases, dt))  # [N, sum o]
+            del W  # the stacked / dequantised copy dies here
+            Y.addmm_(XA, B_all.t(), alpha=alpha)
+        dims = [b.shape[0] for b in Bs]
+        outs = (Y,) if k == 1 else Y.split(dims, dim=1)
+        ctx.save_for_backward(X, XA)
+        # the adapters as the math used them (cast to dt; tiny): kept on ctx, so the backward
+        # neither casts them again nor routes them through checkpointing's saved-tensor hooks
+        ctx.A_all, ctx.B_all, ctx.alpha = A_all, B_all, alpha
+        ctx.grad_dtypes = [t.dtype for t in ab]
+        ctx.ranks, ctx.dims = [a.shape[0] for a in As], dims
+        ctx.mode, ctx.bases, ctx.scalings, ctx.dt = mode, bases, scalings, dt
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return tuple(outs)
+        return tuple(o.view(*lead, o.shape[-1]) for o in outs)
 
     @staticmethod
     def backward(ctx, *dYs):
-        X, XA, *ab = ctx.saved_tensors
-        dt, k = ctx.dt, len(ctx.bases)
-        need_x = ctx.needs_input_grad[0]
-        dA_list, dB_list, G_list = [None] * k, [None] * k, []
-        dX = None
+        X, XA = ctx.saved_tensors
+        dt, k, tdt, need = ctx.dt, len(ctx.bases), ctx.grad_dtypes, ctx.needs_input_grad
         with no_autocast(X.device.type):
-            off = 0
-            A_parts = []
-            for i, (base, s, r) in enumerate(zip(ctx.bases, ctx.scalings, ctx.ranks)):
-                A, B = ab[2 * i], ab[2 * i + 1]
-                dY = dYs[i]
-                if dY is None:  # this output did not reach the loss
-                    off += r
-                    continue
-                dY = dY.reshape(-1, dY.shape[-1]).to(dt)  # [..., o] -> [N, o]
-                if ctx.needs_input_grad[5 + 2 * i]:
-                    dB_list[i] = (dY.t() @ XA[:, off:off + r]).mul_(s).to(B.dtype)  # [o, r]
-                G = (dY @ B.to(dt)).mul_(s)  # [N, o] x [o, r] -> [N, r]
-                G_list.append(G)
-                A_parts.append((i, A))
-                if need_x:
-                    W = base_weight(base, dt, ctx.mode)
-                    if dX is None:
-                        dX = dY @ W  # [N, o] x [o, h] -> [N, h]
-                    else:
-                        dX.addmm_(dY, W)
-                    del W
-                off += r
-            if G_list:
-                G_all = G_list[0] if len(G_list) == 1 else torch.cat(G_list, 1)  # [N, sum r]
-                dA_all = G_all.t() @ X  # [sum r, N] x [N, h] -> [sum r, h]
-                row = 0
-                for i, A in A_parts:
-                    r = A.shape[0]
-                    if ctx.needs_input_grad[4 + 2 * i]:
-                        dA_list[i] = dA_all[row:row + r].to(A.dtype)
-                    row += r
-                if need_x:
-                    A_cat = torch.cat([A.to(dt) for _, A in A_parts], 0) if len(A_parts) > 1 else A_parts[0][1].to(dt)
-                    dX.addmm_(G_all, A_cat)  # [N, sum r] x [sum r, h]
-        dx = None
-        if need_x:
-            dx = (dX if dX is not None else X.new_zeros(X.shape)).view(ctx.x_shape).to(ctx.x_dtype)
-        grads = [dx, None, None, None]
-        for i in range(k):
-            grads += [dA_list[i], dB_list[i]]
-        return tuple(grads)
+            rows = [d.reshape(-1, o) if d is not None else X.new_zeros(X.shape[0], o, dtype=dt)
+                    for d, o in zip(dYs, ctx.dims)]
+            dY = (rows[0] if k == 1 else torch.cat(rows, 1)).to(dt)  # [N, sum o]
+            del rows
+            grads = [None] * (2 * k)
+            if any(need[5 + 2 * i] for i in range(k)):
+                dB_all = dY.t() @ XA  # [sum o, sum r]: block (i, i) is dY_i^T XA_i
+                o0 = r0 = 0
+                for i, (o, r, s) in enumerate(zip(ctx.dims, ctx.ranks, ctx.scalings)):
+                    if need[5 + 2 * i]:
+                        grads[2 * i + 1] = scaled_grad(dB_all[o0:o0 + o, r0:r0 + r], s, tdt[2 * i + 1])
+                    o0, r0 = o0 + o, r0 + r
+                del dB_all
+            G = dY @ ctx.B_all  # [N, sum r] = [dY_i B_i] (times s_i when folded into B)
+            if ctx.alpha != 1.0:
+                G.mul_(ctx.alpha)
+            if any(need[4 + 2 * i] for i in range(k)):
+                dA_all = G.t() @ X  # [sum r, h]
+                r0 = 0
+                for i, r in enumerate(ctx.ranks):
+                    if need[4 + 2 * i]:
+                        grads[2 * i] = dA_all[r0:r0 + r].to(tdt[2 * i])
+                    r0 += r
+            dx = None
+            if need[0]:
+                W = stacked_base_weight(ctx.bases, dt, ctx.mode)
+                dX = dY @ W  # [N, sum o] x [sum o, h] -> [N, h]
+                del W
+                dX.addmm_(G, ctx.A_all)  # [N, sum r] x [sum r, h]
+                dx = dX.view(ctx.x_shape).to(ctx.x_dtype)
+        return (dx, None, None, None, *grads)
 
 
 def lora_projections(x: torch.Tensor, parts: list, mode: str | None = None) -> tuple[torch.Tensor, ...]:

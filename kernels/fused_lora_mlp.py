@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fused_lora import (_install, base_bias, base_weight, call_previous, compute_dtype, fused_forward,
-                                lora_parts, module_mode, no_autocast)
+                                lora_parts, module_mode, no_autocast, scaled_grad)
 from kernels.ops.common import use_triton
 
 GLU_KINDS = ("silu", "gelu_tanh", "gelu")
@@ -104,29 +104,36 @@ class LoRAMLPFunction(torch.autograd.Function):
             X = x.reshape(-1, x.shape[-1]).to(dt)  # [..., h] -> [N, h]
             rg = Ag.shape[0]
             A_gu = torch.cat([Ag.to(dt), Au.to(dt)], 0)  # [rg + ru, h]
+            Bg_, Bu_, Ad_, Bd_ = Bg.to(dt), Bu.to(dt), Ad.to(dt), Bd.to(dt)
             XA = X @ A_gu.t()  # [N, rg + ru]
             W = base_weight(gate, dt, mode)
             e = F.linear(X, W, base_bias(gate, dt))  # [N, I]
             del W
-            e.addmm_(XA[:, :rg], Bg.to(dt).t(), alpha=sg)
+            e.addmm_(XA[:, :rg], Bg_.t(), alpha=sg)
             W = base_weight(up, dt, mode)
             g = F.linear(X, W, base_bias(up, dt))  # [N, I]
             del W
-            g.addmm_(XA[:, rg:], Bu.to(dt).t(), alpha=su)
+            g.addmm_(XA[:, rg:], Bu_.t(), alpha=su)
             h = glu_forward(e, g, kind, mode)  # [N, I]
-            hA = h @ Ad.to(dt).t()  # [N, rd]
+            hA = h @ Ad_.t()  # [N, rd]
             W = base_weight(down, dt, mode)
             Y = F.linear(h, W, base_bias(down, dt))  # [N, h]
             del W, h
-            Y.addmm_(hA, Bd.to(dt).t(), alpha=sd)
-        ctx.save_for_backward(X, e, g, XA, hA, Ag, Bg, Au, Bu, Ad, Bd)
+            Y.addmm_(hA, Bd_.t(), alpha=sd)
+        ctx.save_for_backward(X, e, g, XA, hA)
+        # the adapters as the math used them (cast to dt; tiny): kept on ctx, so the backward
+        # neither casts them again nor routes them through checkpointing's saved-tensor hooks
+        ctx.adapters = (A_gu, Bg_, Bu_, Ad_, Bd_)
+        ctx.grad_dtypes = (Ag.dtype, Bg.dtype, Au.dtype, Bu.dtype, Ad.dtype, Bd.dtype)
         ctx.mode, ctx.kind, ctx.bases, ctx.scalings, ctx.dt = mode, kind, bases, scalings, dt
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return Y.view(*x.shape[:-1], Y.shape[-1])
 
     @staticmethod
     def backward(ctx, dY):
-        X, e, g, XA, hA, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
+        X, e, g, XA, hA = ctx.saved_tensors
+        A_gu, Bg, Bu, Ad, Bd = ctx.adapters
+        tAg, tBg, tAu, tBu, tAd, tBd = ctx.grad_dtypes
         dt, mode, kind = ctx.dt, ctx.mode, ctx.kind
         gate, up, down = ctx.bases
         sg, su, sd = ctx.scalings
@@ -134,27 +141,27 @@ class LoRAMLPFunction(torch.autograd.Function):
         with no_autocast(X.device.type):
             dY = dY.reshape(-1, dY.shape[-1]).to(dt)  # [..., h] -> [N, h]
             # down projection
-            dBd = (dY.t() @ hA).mul_(sd).to(Bd.dtype) if need[10] else None  # [h, rd]
-            Gd = (dY @ Bd.to(dt)).mul_(sd)  # [N, rd]
+            dBd = scaled_grad(dY.t() @ hA, sd, tBd) if need[10] else None  # [h, rd]
+            Gd = (dY @ Bd).mul_(sd)  # [N, rd]
             dAd = None
             if need[9]:
                 h = glu_forward(e, g, kind, mode)  # recomputed [N, I], dropped right after
-                dAd = (Gd.t() @ h).to(Ad.dtype)  # [rd, I]
+                dAd = (Gd.t() @ h).to(tAd)  # [rd, I]
                 del h
             W = base_weight(down, dt, mode)
             dh = dY @ W  # [N, h] x [h, I] -> [N, I]
             del W
-            dh.addmm_(Gd, Ad.to(dt))
+            dh.addmm_(Gd, Ad)
             # GLU: d e, d g over e's and g's buffers
             de, dg = glu_backward(dh, e, g, kind, mode)
             del dh
-            rg = Ag.shape[0]
-            dBg = (de.t() @ XA[:, :rg]).mul_(sg).to(Bg.dtype) if need[6] else None  # [I, rg]
-            dBu = (dg.t() @ XA[:, rg:]).mul_(su).to(Bu.dtype) if need[8] else None  # [I, ru]
-            G = torch.cat([(de @ Bg.to(dt)).mul_(sg), (dg @ Bu.to(dt)).mul_(su)], 1)  # [N, rg + ru]
+            rg = Bg.shape[1]
+            dBg = scaled_grad(de.t() @ XA[:, :rg], sg, tBg) if need[6] else None  # [I, rg]
+            dBu = scaled_grad(dg.t() @ XA[:, rg:], su, tBu) if need[8] else None  # [I, ru]
+            G = torch.cat([(de @ Bg).mul_(sg), (dg @ Bu).mul_(su)], 1)  # [N, rg + ru]
             dA_gu = G.t() @ X  # [rg + ru, h]
-            dAg = dA_gu[:rg].to(Ag.dtype) if need[5] else None
-            dAu = dA_gu[rg:].to(Au.dtype) if need[7] else None
+            dAg = dA_gu[:rg].to(tAg) if need[5] else None
+            dAu = dA_gu[rg:].to(tAu) if need[7] else None
             dx = None
             if need[0]:
                 W = base_weight(gate, dt, mode)
@@ -163,7 +170,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 W = base_weight(up, dt, mode)
                 dX.addmm_(dg, W)
                 del W
-                dX.addmm_(G, torch.cat([Ag.to(dt), Au.to(dt)], 0))
+                dX.addmm_(G, A_gu)
                 dx = dX.view(ctx.x_shape).to(ctx.x_dtype)
         return dx, None, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd
 

@@ -40,10 +40,12 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 def causal_lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
                        position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     decoder, head, softcap = _decoder_and_head(model)
+    targets = shift_labels(labels)  # [B, T]
+    # counted before the forward: the host waits for this one small reduction, not for the whole
+    # forward pass to drain (which would leave the GPU idle while the backward is being queued)
+    n_tokens = int((targets != IGNORE_INDEX).sum())
     out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state  # [B, T, H]
-    targets = shift_labels(labels)  # [B, T]
-    n_tokens = int((targets != IGNORE_INDEX).sum())
     h = hidden.reshape(-1, hidden.shape[-1])  # [B, T, H] -> [B*T, H]
     t = targets.reshape(-1)
     cfg = kernels_config(model)

@@ -168,6 +168,17 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, device="cpu"
     return model
 
 
+# Non-reentrant checkpointing of each decoder layer. The recomputation's shape/dtype check
+# ("determinism_check") is skipped: it costs host time on every saved tensor of every layer, and
+# our layers recompute deterministically (the e2e resume and kernel tests compare the numbers).
+CHECKPOINT_KWARGS = {"use_reentrant": False, "determinism_check": "none"}
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Checkpoint every decoder layer of `model` (a PEFT wrapper or the HF model itself)."""
+    base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+
+
 def add_lora(model, cfg: ModelConfig):
     """Wrap with PEFT LoRA (lora/qlora) or mark every parameter trainable (full)."""
     if cfg.finetune == "full":

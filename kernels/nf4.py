@@ -157,9 +157,14 @@ def nf4_dequantize_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dt
         out = torch.empty(state.shape, dtype=dtype, device=q.device)
     elif out.shape != torch.Size(state.shape) or not out.is_contiguous():
         raise ValueError(f"nf4: out must be contiguous with shape {state.shape}, got {tuple(out.shape)}")
+    if state.numel:
+        _launch(_kernel_args(q, state), out)
+    return out
+
+
+def _kernel_args(q: torch.Tensor, state: NF4State) -> tuple:
+    """Everything _nf4_dequant_kernel reads besides its output, in fp32 where it computes."""
     n = state.numel
-    if n == 0:
-        return out
     code = state.code if state.code is not None else nf4_code(q.device)
     code = code.to(device=q.device, dtype=torch.float32)
     if state.nested:
@@ -171,12 +176,15 @@ def nf4_dequantize_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dt
         absmax = state.absmax.to(torch.float32)
         ncode = nabsmax = offset = absmax  # unused by the kernel when NESTED is False
     n_bytes = (n + 1) // 2
-    grid = (triton.cdiv(n_bytes, PACKED_PER_PROGRAM),)
+    return (q, code, absmax, ncode, nabsmax, offset, n_bytes, n, state.blocksize // 2, state.nested_blocksize,
+            state.nested, (triton.cdiv(n_bytes, PACKED_PER_PROGRAM),), state.shape)
+
+
+def _launch(args: tuple, out: torch.Tensor) -> None:
+    q, code, absmax, ncode, nabsmax, offset, n_bytes, n, half_bs, nested_bs, nested, grid, _ = args
     launchable(_nf4_dequant_kernel, q.device)[grid](
         q, code, absmax, ncode, nabsmax, offset, out, n_bytes, n,
-        HALF_BLOCKSIZE=state.blocksize // 2, NESTED_BLOCKSIZE=state.nested_blocksize,
-        NESTED=state.nested, BLOCK=PACKED_PER_PROGRAM, num_warps=4)
-    return out
+        HALF_BLOCKSIZE=half_bs, NESTED_BLOCKSIZE=nested_bs, NESTED=nested, BLOCK=PACKED_PER_PROGRAM, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,18 +272,46 @@ def is_4bit_weight(weight) -> bool:
     return getattr(weight, "quant_state", None) is not None and getattr(weight, "bnb_quantized", True)
 
 
+_ARGS_ATTR = "_posttrain_nf4_args"  # on a Params4bit: (key, kernel arguments, the quant state)
+
+
+def _bnb_kernel_args(weight, qs) -> tuple:
+    """The kernel's arguments for a bitsandbytes weight, prepared once: the fused LoRA path
+    dequantises every frozen weight three times a step (forward, recomputation, backward), and
+    rebuilding the state and its fp32 views each time costs more host time than the launch.
+    Rebuilt when the packed storage or the quant state object changes (re-quantisation, a move)."""
+    key = (weight.data_ptr(), id(qs))
+    cached = weight.__dict__.get(_ARGS_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    args = _kernel_args(_check(weight.data, NF4State.from_bnb(qs)), NF4State.from_bnb(qs))
+    weight.__dict__[_ARGS_ATTR] = (key, args, qs)  # qs kept: its id stays its own
+    return args
+
+
 def dequantize_bnb_weight(weight, dtype: torch.dtype | None = None, impl: str | None = None,
-                          mode: str | None = None) -> torch.Tensor:
+                          mode: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """A bitsandbytes Params4bit -> dense [out, in] tensor in `dtype` (default: its original dtype).
 
     impl "triton" runs ours (NF4 only; fp4 falls back to bitsandbytes), "bnb" runs
-    bitsandbytes.functional.dequantize_4bit. The result is a fresh tensor the caller owns.
+    bitsandbytes.functional.dequantize_4bit. The result is a fresh tensor the caller owns, or
+    `out` (contiguous, the weight's shape, e.g. a block of rows of a larger buffer) filled in place.
     """
     qs = weight.quant_state
     impl = impl or dequant_impl()
+    if out is not None and (tuple(out.shape) != tuple(qs.shape) or not out.is_contiguous()):
+        raise ValueError(f"nf4: out must be contiguous with shape {tuple(qs.shape)}, got {tuple(out.shape)}")
+    if impl == "triton" and qs.quant_type == "nf4" and use_triton(mode, weight):
+        args = _bnb_kernel_args(weight, qs)
+        if out is None:
+            out = torch.empty(args[-1], dtype=dtype or qs.dtype, device=weight.device)
+        _launch(args, out)
+        return out
     if impl == "triton" and qs.quant_type == "nf4":
-        return nf4_dequantize(weight.data, NF4State.from_bnb(qs), dtype=dtype, mode=mode)
-    import bitsandbytes.functional as bnbf
+        w = nf4_dequantize(weight.data, NF4State.from_bnb(qs), dtype=dtype, mode=mode)
+    else:
+        import bitsandbytes.functional as bnbf
 
-    w = bnbf.dequantize_4bit(weight.data, qs)
-    return w if dtype is None or w.dtype == dtype else w.to(dtype)
+        w = bnbf.dequantize_4bit(weight.data, qs)
+        w = w if dtype is None or w.dtype == dtype else w.to(dtype)
+    return w if out is None else out.copy_(w)

@@ -129,6 +129,36 @@ def test_qkv_group_and_o_match_peft(family, order):
     assert group._x is None and group._pending == [None, None, None]  # nothing left pending
 
 
+def test_qkv_group_with_different_ranks_and_scales_matches_peft():
+    """Q/K/V adapters of different ranks and scalings (PEFT rank_pattern / alpha_pattern): the
+    block-diagonal B then carries each s_i itself; one output unused by the loss."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    preset, over = FAMILIES["qwen2"]  # q/k/v biases too
+    base = build_model(ModelConfig(preset=preset, dtype="float32", config_overrides=over))
+    model = get_peft_model(base, PeftLoraConfig(r=5, lora_alpha=10, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                rank_pattern={"k_proj": 3}, alpha_pattern={"v_proj": 7}))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    attn = _layer0(model).self_attn
+    assert len({attn.q_proj.scaling["default"], attn.k_proj.scaling["default"], attn.v_proj.scaling["default"]}) == 3
+    x = torch.randn(2, 11, model.config.hidden_size)
+
+    def fn(t):
+        return attn.q_proj(t), attn.k_proj(t)  # v computed by the group, never used
+
+    ref = _run_module(fn, x, model)
+    assert apply_fused_lora(model) == 2  # one Q/K/V group per layer
+    got = _run_module(fn, x, model)
+    # the unused v gets zero adapter gradients from the fused node (PEFT: none at all)
+    extra = {k: v for k, v in got[2].items() if k not in ref[2]}
+    assert extra and all(".v_proj." in k and not v.any() for k, v in extra.items())
+    _compare(ref, (got[0], got[1], {k: v for k, v in got[2].items() if k in ref[2]}), TOL_FP32)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_whole_model_matches_peft(family):
     model = _model(family)
@@ -157,6 +187,70 @@ def test_with_gradient_checkpointing():
     apply_fused_lora(model)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _compare(ref, _run_module(fn, x, model), TOL_FP32)
+
+
+def test_bf16_base_fp32_adapters_under_checkpointing_match_peft():
+    """The mixed case real runs take: bf16 model, fp32 adapters (cast to bf16 inside the fused
+    functions, gradients returned in fp32), layers recomputed by checkpointing with our kwargs."""
+    from kernels.model import enable_gradient_checkpointing
+
+    model = _model("llama")
+    model.get_base_model().to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    ids = torch.randint(0, 257, (2, 13), generator=torch.Generator().manual_seed(0))
+    x = model.get_input_embeddings()(ids).detach()
+
+    def fn(e):
+        return model(inputs_embeds=e).logits.float()
+
+    ref = _run_module(fn, x, model)
+    apply_fused_lora(model)
+    enable_gradient_checkpointing(model)
+    got = _run_module(fn, x, model)
+    assert all(g.dtype == torch.float32 for g in got[2].values())
+    # bf16 activations: PEFT adds the fp32 adapter path in fp32, the fused path in bf16
+    _compare(ref, got, (torch.float32, 3e-2, 3e-2))
+
+
+def test_cached_parts_follow_adapter_state():
+    """lora_parts is cached per module: scaling, a replaced adapter weight, merge/unmerge and a
+    second active adapter must all be seen by the next call."""
+    from kernels.fused_lora import lora_parts
+
+    model = _model("llama")
+    ids = torch.randint(0, 257, (1, 9))
+    apply_fused_lora(model)
+    remove = copy.deepcopy(model)
+    remove_fused_lora(remove)
+
+    def same(what):
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, remove(input_ids=ids).logits,
+                                       atol=2e-5, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+
+    same("start")
+    q = _layer0(model).self_attn.q_proj
+    first = lora_parts(q)
+    assert lora_parts(q) is first  # cached
+    for m in (model, remove):
+        for mod in m.modules():
+            if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling:
+                mod.scaling["default"] *= 3.0
+    assert lora_parts(q) is not first and lora_parts(q).scaling == pytest.approx(first.scaling * 3)
+    same("scaling x3")
+    for m in (model, remove):
+        lin = _layer0(m).mlp.down_proj.lora_B["default"]
+        lin.weight = nn.Parameter(torch.randn_like(lin.weight, generator=torch.Generator().manual_seed(5)))
+    same("new lora_B weight")
+    model.merge_adapter()
+    remove.merge_adapter()
+    assert lora_parts(q) is None
+    same("merged")
+    model.unmerge_adapter()
+    remove.unmerge_adapter()
+    same("unmerged")
 
 
 def test_apply_remove_restores_and_state_dict_unchanged():

@@ -101,6 +101,40 @@ def test_bitsandbytes_state_and_packing_cpu():
     _close(nf4_dequantize_reference(q, st, torch.float32), bnbf.dequantize_4bit(q, qs).float(), TOL_FP32, "bnb cpu")
 
 
+@needs_triton
+def test_bnb_weight_kernel_args_are_prepared_once_and_follow_changes():
+    """dequantize_bnb_weight's Triton path keeps the kernel arguments on the weight: the same
+    result every call, rebuilt when the packed storage or the quant state is replaced."""
+    from types import SimpleNamespace
+
+    from kernels.nf4 import _ARGS_ATTR
+
+    def quantised(seed):
+        w = torch.randn(48, 96, generator=torch.Generator().manual_seed(seed)) * 0.05
+        packed, st = nf4_quantize_reference(w, blocksize=64, double_quant=True)
+        qs = SimpleNamespace(quant_type="nf4", shape=st.shape, dtype=torch.bfloat16, blocksize=st.blocksize,
+                             absmax=st.absmax, code=st.code, nested=True, offset=st.offset,
+                             state2=SimpleNamespace(code=st.nested_code, absmax=st.nested_absmax,
+                                                    blocksize=st.nested_blocksize))
+        return packed, st, qs
+
+    packed, st, qs = quantised(0)
+    weight = torch.nn.Parameter(packed, requires_grad=False)  # duck-typed Params4bit
+    weight.quant_state = qs
+    want = nf4_dequantize_reference(packed, st, torch.bfloat16)
+    first = dequantize_bnb_weight(weight, torch.bfloat16, impl="triton", mode="triton")
+    _close(first, want, TOL_BF16, "first call")
+    args = weight.__dict__[_ARGS_ATTR][1]
+    _close(dequantize_bnb_weight(weight, torch.bfloat16, impl="triton", mode="triton"), want, TOL_BF16, "cached")
+    assert weight.__dict__[_ARGS_ATTR][1] is args
+    packed2, st2, qs2 = quantised(1)
+    weight.quant_state = qs2  # re-quantised: new state object ...
+    weight.data = packed2  # ... and new packed storage
+    _close(dequantize_bnb_weight(weight, torch.bfloat16, impl="triton", mode="triton"),
+           nf4_dequantize_reference(packed2, st2, torch.bfloat16), TOL_BF16, "after re-quantisation")
+    assert weight.__dict__[_ARGS_ATTR][1] is not args
+
+
 # ---- QLoRA / optimizers ----------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
