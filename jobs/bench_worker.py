@@ -9,6 +9,7 @@ one to the next; the parent (jobs/bench.py) never imports torch.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -214,6 +215,10 @@ def _train(spec: dict) -> dict:
         g = torch.Generator().manual_seed(spec["seed"] + (step if spec["fresh_batches"] else 0))
         return torch.randint(0, V, (B, T), generator=g).to(spec["device"])
 
+    # every contender alike, as our trainer does: the model's Python objects live for the run, so
+    # the cyclic GC need not rescan them during steps that are bound by host time
+    gc.collect()
+    gc.freeze()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

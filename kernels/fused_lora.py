@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from kernels.nf4 import dequantize_bnb_weight, is_4bit_weight
 
@@ -64,6 +65,40 @@ def no_autocast(device_type: str):
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return _NO_CONTEXT
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter weights in the compute dtype, cast once per optimizer step
+# ----------------------------------------------------------------------------------------------
+# fp32 adapters under bf16 compute are cast at every use: forward, the checkpointed recomputation,
+# every micro-batch. A cast is a kernel plus host work, and at 1B sizes the step is bound by host
+# time, so the cast is kept on the parameter and reused while the parameter is unchanged. Changes
+# seen: any torch optimizer's step (a global post-step hook bumps _STEP; bitsandbytes' optimizers
+# write through raw pointers, which no version counter sees), in-place ops (the version counter),
+# a new storage (data_ptr). Not seen: writes through `p.data` outside an optimizer step.
+
+_CAST = "_fused_lora_cast"
+_STEP = [0]
+
+
+def _optimizer_stepped(*_args, **_kwargs) -> None:
+    _STEP[0] += 1
+
+
+register_optimizer_step_post_hook(_optimizer_stepped)
+
+
+def adapter_in(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Adapter weight `p` in `dtype` (itself when it already is; else a cached, detached cast)."""
+    if p.dtype == dtype:
+        return p
+    key = (dtype, _STEP[0], p._version, p.data_ptr())
+    cached = p.__dict__.get(_CAST)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    t = p.detach().to(dtype)
+    p.__dict__[_CAST] = (key, t)
+    return t
 
 
 def base_weight(linear: nn.Module, dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:

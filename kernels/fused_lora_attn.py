@@ -34,8 +34,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_lora import (_install, call_previous, compute_dtype, fused_forward, lora_parts, module_mode,
-                                no_autocast, scaled_grad, stacked_base_bias, stacked_base_weight)
+from kernels.fused_lora import (_install, adapter_in, call_previous, compute_dtype, fused_forward, lora_parts,
+                                module_mode, no_autocast, scaled_grad, stacked_base_bias, stacked_base_weight)
 
 
 class LoRAProjFunction(torch.autograd.Function):
@@ -48,8 +48,8 @@ class LoRAProjFunction(torch.autograd.Function):
         k = len(bases)
         with no_autocast(x.device.type):
             X = x.reshape(-1, x.shape[-1]).to(dt)  # [..., h] -> [N, h]
-            As = [a.to(dt) for a in ab[0::2]]
-            Bs = [b.to(dt) for b in ab[1::2]]
+            As = [adapter_in(a, dt) for a in ab[0::2]]
+            Bs = [adapter_in(b, dt) for b in ab[1::2]]
             A_all = As[0] if k == 1 else torch.cat(As, 0)  # [sum r, h]
             same = all(s == scalings[0] for s in scalings)
             alpha = scalings[0] if same else 1.0

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_lora import (_install, base_bias, base_weight, call_previous, compute_dtype, fused_forward,
-                                lora_parts, module_mode, no_autocast, scaled_grad)
+from kernels.fused_lora import (_install, adapter_in, base_bias, base_weight, call_previous, compute_dtype,
+                                fused_forward, lora_parts, module_mode, no_autocast, scaled_grad)
 from kernels.ops.common import use_triton
 
 GLU_KINDS = ("silu", "gelu_tanh", "gelu")
@@ -103,8 +103,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         with no_autocast(x.device.type):
             X = x.reshape(-1, x.shape[-1]).to(dt)  # [..., h] -> [N, h]
             rg = Ag.shape[0]
-            A_gu = torch.cat([Ag.to(dt), Au.to(dt)], 0)  # [rg + ru, h]
-            Bg_, Bu_, Ad_, Bd_ = Bg.to(dt), Bu.to(dt), Ad.to(dt), Bd.to(dt)
+            A_gu = torch.cat([adapter_in(Ag, dt), adapter_in(Au, dt)], 0)  # [rg + ru, h]
+            Bg_, Bu_, Ad_, Bd_ = (adapter_in(t, dt) for t in (Bg, Bu, Ad, Bd))
             XA = X @ A_gu.t()  # [N, rg + ru]
             W = base_weight(gate, dt, mode)
             e = F.linear(X, W, base_bias(gate, dt))  # [N, I]

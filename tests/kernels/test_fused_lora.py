@@ -214,6 +214,44 @@ def test_bf16_base_fp32_adapters_under_checkpointing_match_peft():
     _compare(ref, got, (torch.float32, 3e-2, 3e-2))
 
 
+def test_adapter_cast_is_reused_until_the_weight_changes():
+    """adapter_in keeps one cast per parameter and makes a new one after an optimizer step (also one
+    that writes through raw storage, like bitsandbytes'), an in-place op, or a new storage."""
+    from kernels.fused_lora import adapter_in
+
+    p = nn.Parameter(torch.randn(4, 6))
+    a = adapter_in(p, torch.bfloat16)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, p.detach().bfloat16()) and not a.requires_grad
+    assert adapter_in(p, torch.bfloat16) is a
+    assert adapter_in(p, torch.float32) is p  # no cast needed: the parameter itself
+
+    def fresh(what):
+        b = adapter_in(p, torch.bfloat16)
+        assert b is not a and torch.equal(b, p.detach().bfloat16()), what
+        return b
+
+    p.grad = torch.ones_like(p)
+    torch.optim.SGD([p], lr=0.5).step()
+    a = fresh("torch optimizer step")
+
+    class RawWrite(torch.optim.Optimizer):  # updates through .data: no version bump
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for q in group["params"]:
+                    q.data.add_(1.0)
+
+    RawWrite([p]).step()
+    a = fresh("optimizer writing through .data")
+    with torch.no_grad():
+        p.mul_(2.0)
+    a = fresh("in-place op")
+    p.data = torch.randn(4, 6)
+    fresh("new storage")
+
+
 def test_cached_parts_follow_adapter_state():
     """lora_parts is cached per module: scaling, a replaced adapter weight, merge/unmerge and a
     second active adapter must all be seen by the next call."""
