@@ -139,8 +139,11 @@ def _run_peer(a, peer: str, model_dir: str, vocab: int, workdir: str, seq: int |
 
 
 def _profile_text(name: str, prof: dict) -> str:
-    lines = [f"{name}: {prof['total_ms_per_step']:.2f} ms per step of {prof['by']}", "",
-             f"{'ms/step':>9} {'share':>6} {'calls':>6}  kernel"]
+    lines = [f"{name}: {prof['total_ms_per_step']:.2f} ms per step of {prof['by']}"]
+    if "gpu_busy_ms_per_step" in prof:  # kernels running vs the span they ran in (less: host-bound)
+        lines.append(f"GPU busy {prof['gpu_busy_ms_per_step']:.1f} ms of a {prof['gpu_span_ms_per_step']:.1f} ms span "
+                     f"per step, {prof['gpu_idle_gaps_per_step']:.0f} idle gaps")
+    lines += ["", f"{'ms/step':>9} {'share':>6} {'calls':>6}  kernel"]
     for e in prof["top"]:
         lines.append(f"{e['ms_per_step']:9.3f} {e['share']:6.1%} {e['calls_per_step']:6.0f}  {e['name']}")
     return "\n".join(lines) + "\n"

@@ -191,7 +191,30 @@ def _profile(step, cuda: bool, steps: int = 2, rows: int = 30) -> dict:
     total = sum(getattr(e, key) for e in events) or 1.0
     top = [{"name": e.key[:120], "ms_per_step": getattr(e, key) / 1e3 / steps, "calls_per_step": e.count / steps,
             "share": getattr(e, key) / total} for e in events[:rows]]
-    return {"by": key, "total_ms_per_step": total / 1e3 / steps, "top": top}
+    out = {"by": key, "total_ms_per_step": total / 1e3 / steps, "top": top}
+    if cuda:
+        out.update(_gpu_busy(prof, steps))
+    return out
+
+
+def _gpu_busy(prof, steps: int) -> dict:
+    """How much of the profiled span the GPU was running kernels (union of kernel intervals).
+    Much less than the span means the step is bound by the host issuing kernels, not by them."""
+    import torch
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:
+        return {}
+    busy, gaps, end = 0.0, 0, spans[0][0]
+    for start, stop in spans:
+        if start > end:
+            gaps += 1
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return {"gpu_busy_ms_per_step": busy / 1e3 / steps, "gpu_span_ms_per_step": (end - spans[0][0]) / 1e3 / steps,
+            "gpu_idle_gaps_per_step": gaps / steps}
 
 
 def _train(spec: dict) -> dict:

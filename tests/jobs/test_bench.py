@@ -39,3 +39,21 @@ def test_bench_refuses_an_unknown_peer():
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "--peers: unknown nosuch" in proc.stderr
+
+
+def test_gpu_busy_is_the_union_of_kernel_intervals():
+    """--profile's host-bound measure: overlapping kernels count once, gaps are counted, CPU events ignored."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from jobs.bench_worker import _gpu_busy
+
+    def ev(start, end, dev=torch.autograd.DeviceType.CUDA):
+        return SimpleNamespace(device_type=dev, time_range=SimpleNamespace(start=start, end=end))
+
+    prof = SimpleNamespace(events=lambda: [ev(0, 1000), ev(500, 1500), ev(3000, 4000),
+                                           ev(1500, 9000, torch.autograd.DeviceType.CPU), ev(4000, 5000)])
+    got = _gpu_busy(prof, steps=1)
+    assert got == {"gpu_busy_ms_per_step": 3.5, "gpu_span_ms_per_step": 5.0, "gpu_idle_gaps_per_step": 1}
+    assert _gpu_busy(SimpleNamespace(events=lambda: []), steps=2) == {}
