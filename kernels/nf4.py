@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from math import prod
+from typing import NamedTuple
 
 import torch
 import triton
@@ -155,16 +156,36 @@ def nf4_dequantize_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dt
     dtype = dtype or state.dtype
     if out is None:
         out = torch.empty(state.shape, dtype=dtype, device=q.device)
-    elif out.shape != torch.Size(state.shape) or not out.is_contiguous():
-        raise ValueError(f"nf4: out must be contiguous with shape {state.shape}, got {tuple(out.shape)}")
+    else:
+        _check_out(out, state.shape)
     if state.numel:
         _launch(_kernel_args(q, state), out)
     return out
 
 
-def _kernel_args(q: torch.Tensor, state: NF4State) -> tuple:
+def _check_out(out: torch.Tensor, shape) -> None:
+    if tuple(out.shape) != tuple(shape) or not out.is_contiguous():
+        raise ValueError(f"nf4: out must be contiguous with shape {tuple(shape)}, got {tuple(out.shape)}")
+
+
+class _KernelArgs(NamedTuple):
     """Everything _nf4_dequant_kernel reads besides its output, in fp32 where it computes."""
-    n = state.numel
+
+    q: torch.Tensor
+    code: torch.Tensor
+    absmax: torch.Tensor
+    ncode: torch.Tensor
+    nabsmax: torch.Tensor
+    offset: torch.Tensor
+    n_bytes: int
+    n: int
+    half_blocksize: int
+    nested_blocksize: int
+    nested: bool
+    shape: tuple[int, ...]
+
+
+def _kernel_args(q: torch.Tensor, state: NF4State) -> _KernelArgs:
     code = state.code if state.code is not None else nf4_code(q.device)
     code = code.to(device=q.device, dtype=torch.float32)
     if state.nested:
@@ -175,16 +196,15 @@ def _kernel_args(q: torch.Tensor, state: NF4State) -> tuple:
     else:
         absmax = state.absmax.to(torch.float32)
         ncode = nabsmax = offset = absmax  # unused by the kernel when NESTED is False
-    n_bytes = (n + 1) // 2
-    return (q, code, absmax, ncode, nabsmax, offset, n_bytes, n, state.blocksize // 2, state.nested_blocksize,
-            state.nested, (triton.cdiv(n_bytes, PACKED_PER_PROGRAM),), state.shape)
+    return _KernelArgs(q, code, absmax, ncode, nabsmax, offset, (state.numel + 1) // 2, state.numel,
+                       state.blocksize // 2, state.nested_blocksize, state.nested, tuple(state.shape))
 
 
-def _launch(args: tuple, out: torch.Tensor) -> None:
-    q, code, absmax, ncode, nabsmax, offset, n_bytes, n, half_bs, nested_bs, nested, grid, _ = args
-    launchable(_nf4_dequant_kernel, q.device)[grid](
-        q, code, absmax, ncode, nabsmax, offset, out, n_bytes, n,
-        HALF_BLOCKSIZE=half_bs, NESTED_BLOCKSIZE=nested_bs, NESTED=nested, BLOCK=PACKED_PER_PROGRAM, num_warps=4)
+def _launch(a: _KernelArgs, out: torch.Tensor) -> None:
+    launchable(_nf4_dequant_kernel, a.q.device)[(triton.cdiv(a.n_bytes, PACKED_PER_PROGRAM),)](
+        a.q, a.code, a.absmax, a.ncode, a.nabsmax, a.offset, out, a.n_bytes, a.n,
+        HALF_BLOCKSIZE=a.half_blocksize, NESTED_BLOCKSIZE=a.nested_blocksize, NESTED=a.nested,
+        BLOCK=PACKED_PER_PROGRAM, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +295,7 @@ def is_4bit_weight(weight) -> bool:
 _ARGS_ATTR = "_posttrain_nf4_args"  # on a Params4bit: (key, kernel arguments, the quant state)
 
 
-def _bnb_kernel_args(weight, qs) -> tuple:
+def _bnb_kernel_args(weight, qs) -> _KernelArgs:
     """The kernel's arguments for a bitsandbytes weight, prepared once: the fused LoRA path
     dequantises every frozen weight three times a step (forward, recomputation, backward), and
     rebuilding the state and its fp32 views each time costs more host time than the launch.
@@ -284,7 +304,8 @@ def _bnb_kernel_args(weight, qs) -> tuple:
     cached = weight.__dict__.get(_ARGS_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
-    args = _kernel_args(_check(weight.data, NF4State.from_bnb(qs)), NF4State.from_bnb(qs))
+    state = NF4State.from_bnb(qs)
+    args = _kernel_args(_check(weight.data, state), state)
     weight.__dict__[_ARGS_ATTR] = (key, args, qs)  # qs kept: its id stays its own
     return args
 
@@ -299,12 +320,12 @@ def dequantize_bnb_weight(weight, dtype: torch.dtype | None = None, impl: str | 
     """
     qs = weight.quant_state
     impl = impl or dequant_impl()
-    if out is not None and (tuple(out.shape) != tuple(qs.shape) or not out.is_contiguous()):
-        raise ValueError(f"nf4: out must be contiguous with shape {tuple(qs.shape)}, got {tuple(out.shape)}")
+    if out is not None:
+        _check_out(out, qs.shape)
     if impl == "triton" and qs.quant_type == "nf4" and use_triton(mode, weight):
         args = _bnb_kernel_args(weight, qs)
         if out is None:
-            out = torch.empty(args[-1], dtype=dtype or qs.dtype, device=weight.device)
+            out = torch.empty(args.shape, dtype=dtype or qs.dtype, device=weight.device)
         _launch(args, out)
         return out
     if impl == "triton" and qs.quant_type == "nf4":
