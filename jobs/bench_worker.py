@@ -67,14 +67,14 @@ def _build_ours(spec: dict):
         patch_model(model, KernelsConfig(enabled=True, mode="auto"))
         info["patched"] = True
     info["fused_blocks"] = apply_fused_lora(model)
-    gc = "offload" if spec["peer"] == "ours-offload" else spec["gc"]
-    if gc == "offload":
+    gc_mode = "offload" if spec["peer"] == "ours-offload" else spec["gc"]
+    if gc_mode == "offload":
         from kernels.offload import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model)
     else:
         enable_gradient_checkpointing(model)
-    info["gradient_checkpointing"] = gc
+    info["gradient_checkpointing"] = gc_mode
     model.train()
 
     def loss_fn(ids):
@@ -140,11 +140,11 @@ def _build_unsloth(spec: dict):
     model, _tok = FastLanguageModel.from_pretrained(
         model_name=spec["model_dir"], max_seq_length=spec["seq"], dtype=getattr(torch, spec["dtype"]),
         load_in_4bit=spec["mode"] == "qlora")
-    gc = spec["unsloth_gc"]
+    gc_mode = spec["unsloth_gc"]
     model = FastLanguageModel.get_peft_model(
         model, r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS,
-        bias="none", use_gradient_checkpointing=True if gc == "true" else gc, random_state=spec["seed"])
-    info = {"lora_A_initialised": _init_lora(model, spec["seed"]), "gradient_checkpointing": gc}
+        bias="none", use_gradient_checkpointing=True if gc_mode == "true" else gc_mode, random_state=spec["seed"])
+    info = {"lora_A_initialised": _init_lora(model, spec["seed"]), "gradient_checkpointing": gc_mode}
     model.train()
 
     def loss_fn(ids):
@@ -165,11 +165,13 @@ def _versions() -> dict:
     return out
 
 
-def _one_step(model, loss_fn, opt, ids) -> None:
+def _one_step(loss_fn, opt, ids):
+    """One training step; returns the loss (a tensor: reading it would sync)."""
     loss = loss_fn(ids)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def _profile(step, cuda: bool, steps: int = 2, rows: int = 30) -> dict:
@@ -253,17 +255,14 @@ def _train(spec: dict) -> dict:
         if spec["fresh_batches"] and step:
             ids = batch(step)
         t = time.perf_counter()
-        loss = loss_fn(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _one_step(loss_fn, opt, ids)
         losses.append(loss.detach().float())
         if cuda:
             torch.cuda.synchronize()
         step_s.append(time.perf_counter() - t)
     timed = step_s[spec["warmup"]:]
     losses = [float(v) for v in torch.stack(losses).cpu()]
-    profile = _profile(lambda: _one_step(model, loss_fn, opt, ids), cuda) if spec.get("profile") else None
+    profile = _profile(lambda: _one_step(loss_fn, opt, ids), cuda) if spec.get("profile") else None
     return {
         "profile": profile,
         "peer": peer, "ok": True, "tokens_per_s": B * T * len(timed) / sum(timed) if timed else None,
