@@ -47,6 +47,9 @@ class TrainConfig:
     cpus_per_worker: CPU reservation of each worker.
     placement_strategy: PACK | SPREAD | STRICT_SPREAD (one worker per node) for the worker group.
     log_every: steps between progress lines.
+    cuda_graphs: on a single CUDA worker, capture each micro-batch's forward+backward as a CUDA
+        graph and replay it (kernels/cuda_graph.py); falls back to eager, with the reason in the
+        start line, where unsupported (DDP/DeepSpeed, offloaded checkpointing, sliding windows).
     """
 
     num_workers: int = 1
@@ -76,6 +79,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     log_every: int = 1
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         positive = ["num_workers", "micro_batch_size", "grad_accum", "num_epochs", "keep_checkpoints",
@@ -186,6 +190,27 @@ def _build_for_training(spec: TrainSpec, device):
     return model, notes
 
 
+def _graphed_step(model, device, autocast, world: int, use_ds: bool):
+    """(kernels.cuda_graph.GraphedStep or None, what the start line reports)."""
+    from kernels.cuda_graph import GraphedStep, unsupported_reason
+    from kernels.loss import causal_lm_loss
+
+    why = unsupported_reason(model, device)
+    if use_ds:
+        why = "DeepSpeed's engine runs the backward"
+    elif world > 1:
+        why = f"DDP over {world} workers (its gradient all-reduce is not captured)"
+    if why is not None:
+        log.info("cuda graphs: off: %s", why)
+        return None, f"off ({why})"
+
+    def loss_fn(input_ids, labels, position_ids):
+        return causal_lm_loss(model, input_ids, labels, position_ids)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return GraphedStep(loss_fn, params, model=model, device=device, autocast_dtype=autocast), "on"
+
+
 def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads best in one piece
     import numpy as np
     import ray.train
@@ -242,6 +267,10 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
         notes.update(ds_notes)
         loss_module = engine
         autocast = None  # DeepSpeed holds the model in bf16 itself
+
+    graph = None
+    if tc.cuda_graphs and device.type == "cuda":
+        graph, notes["cuda_graphs"] = _graphed_step(model, device, autocast, world, use_ds)
 
     # the model's and optimizer's Python objects live for the run: keep them out of the cyclic GC's
     # scans (at 1B sizes a step is bound by host time, and a full collection costs milliseconds)
@@ -327,7 +356,7 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
                 gnorm = dss.grad_norm(engine)
             else:
                 stats = accumulate_step(loss_module, micro, device=device, world_size=world,
-                                        all_reduce_sum=all_reduce_sum, autocast_dtype=autocast)
+                                        all_reduce_sum=all_reduce_sum, autocast_dtype=autocast, graph=graph)
                 gnorm = grad_norm_and_clip([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
                 optimizer.step()
                 scheduler.step()

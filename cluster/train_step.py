@@ -61,13 +61,17 @@ def accumulate_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, to
                     device: torch.device, world_size: int = 1,
                     all_reduce_sum: Callable[[float], float] = lambda x: x,
                     autocast_dtype: torch.dtype | None = None,
-                    backward: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+                    backward: Callable[[torch.Tensor], None] | None = None,
+                    graph=None) -> dict[str, float]:
     """Forward/backward over micro-batches; gradients end up = d(sum of token losses)/d(theta) / N
     with N the step's target tokens over every worker. Returns loss (mean per target token over
     all workers), target tokens and input tokens. The caller clips and steps the optimizer.
 
     `backward(scaled_loss)` replaces `scaled_loss.backward()` (DeepSpeed's engine); then the
-    reduction across workers is the engine's, not DDP's `no_sync` bookkeeping."""
+    reduction across workers is the engine's, not DDP's `no_sync` bookkeeping.
+
+    `graph` (a kernels.cuda_graph.GraphedStep over the same model) runs each micro-batch's
+    forward+backward as a replayed CUDA graph instead (single worker, no `backward`)."""
     local_targets = sum(target_tokens(b) for b in micro_batches)
     total_targets = all_reduce_sum(float(local_targets))
     if total_targets <= 0:
@@ -78,6 +82,11 @@ def accumulate_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, to
     loss_sum = 0.0
     input_tokens = 0
     for i, mb in enumerate(micro_batches):
+        if graph is not None:
+            loss = graph({k: mb[k] for k in ("input_ids", "labels", "position_ids")}, scale)
+            loss_sum += float(loss)
+            input_tokens += int(mb["input_ids"].numel())
+            continue
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
         last = i == len(micro_batches) - 1
         sync = (contextlib.nullcontext() if last or backward is not None or not hasattr(loss_module, "no_sync")

@@ -13,9 +13,12 @@ The contenders' code is in jobs/bench_worker.py (one process each); this module 
 
 Contenders (--peers; ours always runs first):
   ours          build_model / build_qlora_model + add_lora (PEFT) + patch_model (Triton ops) +
-                apply_fused_lora + causal_lm_loss_sum (fused linear cross-entropy); HF-style
-                per-layer checkpointing (--gc offload: our CPU-offloaded checkpointing)
-  ours-offload  the same with offloaded checkpointing
+                apply_fused_lora + causal_lm_loss (fused linear cross-entropy); HF-style
+                per-layer checkpointing (--gc offload: our CPU-offloaded checkpointing); each
+                step's forward+backward a replayed CUDA graph (kernels/cuda_graph.py), as the
+                trainer does on one GPU (--no-cuda-graphs: eager)
+  ours-eager    the same without CUDA graphs (what the graphs add, in the same run)
+  ours-offload  the same with offloaded checkpointing (eager: offload is not captured)
   hf            transformers (sdpa) + PEFT; QLoRA: BitsAndBytesConfig(nf4, double quant, bf16)
   liger         hf after liger_kernel.transformers.apply_liger_kernel_to_<family>()
   unsloth       FastLanguageModel.from_pretrained(local folder, load_in_4bit=qlora) + get_peft_model
@@ -49,8 +52,8 @@ import time
 from jobs.bench_worker import N_LOSSES, _write  # the worker module imports torch only inside functions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS = ("ours", "ours-offload", "hf", "liger", "unsloth")
-ALIASES = {"transformers": "hf", "peft": "hf", "hf+peft": "hf", "ours_offload": "ours-offload"}
+PEERS = ("ours", "ours-eager", "ours-offload", "hf", "liger", "unsloth")
+ALIASES = {"transformers": "hf", "peft": "hf", "hf+peft": "hf", "ours_offload": "ours-offload", "ours_eager": "ours-eager"}
 LOSS_RTOL = 1e-2  # bf16 end to end, different kernels: losses agree to well under 1% when the maths is right
 
 
@@ -109,6 +112,7 @@ def _run_peer(a, peer: str, model_dir: str, vocab: int, workdir: str, seq: int |
                 alpha=a.alpha, seq=seq or a.seq, batch=batch or a.batch, steps=a.steps if steps is None else steps,
                 warmup=a.warmup if warmup is None else warmup, lr=a.lr, optimizer=a.optimizer, seed=a.seed,
                 vocab_size=vocab, fresh_batches=a.fresh_batches, gc=a.gc, unsloth_gc=a.unsloth_gc,
+                cuda_graphs=getattr(a, "cuda_graphs", True),
                 profile=bool(getattr(a, "profile", False)) and not tag)
     name = f"{peer}{tag}"
     spec_path, result_path = os.path.join(workdir, f"{name}.spec.json"), os.path.join(workdir, f"{name}.result.json")
@@ -250,6 +254,8 @@ def parse_args(argv):
                    help=f"comma list of {', '.join(PEERS[1:])} (ours always runs first; with --max-seq: "
                         f"exactly who is probed, default ours,unsloth)")
     s.add_argument("--gc", choices=("checkpoint", "offload"), default="checkpoint", help="our checkpointing")
+    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run ours eagerly (default: forward+backward replayed as a CUDA graph, as the trainer does)")
     s.add_argument("--unsloth-gc", choices=("unsloth", "true"), default="unsloth",
                    help='Unsloth\'s use_gradient_checkpointing: "unsloth" (offloaded, its default) or True')
     s.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))

@@ -46,7 +46,7 @@ def _init_lora(model, seed: int) -> int:
 
 def _build_ours(spec: dict):
     from kernels.fused_lora import apply_fused_lora
-    from kernels.loss import causal_lm_loss_sum
+    from kernels.loss import causal_lm_loss, causal_lm_loss_sum
     from kernels.model import LoraConfig, ModelConfig, add_lora, build_model, enable_gradient_checkpointing
 
     cfg = ModelConfig(path=spec["model_dir"], finetune=spec["mode"], dtype=spec["dtype"], attn_implementation="sdpa",
@@ -76,12 +76,32 @@ def _build_ours(spec: dict):
         enable_gradient_checkpointing(model)
     info["gradient_checkpointing"] = gc_mode
     model.train()
+    graphs = spec.get("cuda_graphs", True) and spec["peer"] == "ours" and spec["device"].startswith("cuda")
+    if graphs:
+        import torch
 
-    def loss_fn(ids):
-        loss_sum, n = causal_lm_loss_sum(model, ids, ids)
-        return loss_sum / max(n, 1)  # mean over target tokens, as the peers' model(labels=...).loss
+        from kernels.cuda_graph import GraphedStep, unsupported_reason
 
-    return model, loss_fn, info
+        why = unsupported_reason(model, torch.device(spec["device"]))
+        graphs = why is None
+        info["cuda_graphs"] = "on" if graphs else f"off ({why})"
+    else:
+        info["cuda_graphs"] = "off"
+    if graphs:
+        n = spec["batch"] * (spec["seq"] - 1)  # labels = input ids: every shifted position counts
+        step = GraphedStep(lambda input_ids, labels: causal_lm_loss(model, input_ids, labels),
+                           [p for p in model.parameters() if p.requires_grad], model=model, device=spec["device"])
+
+        def fwd_bwd(ids):  # the mean over target tokens, as the peers' model(labels=...).loss
+            return step({"input_ids": ids, "labels": ids}, 1.0 / n) / n
+    else:
+        def fwd_bwd(ids):
+            loss_sum, k = causal_lm_loss_sum(model, ids, ids)
+            loss = loss_sum / max(k, 1)
+            loss.backward()
+            return loss
+
+    return model, fwd_bwd, info
 
 
 def _hf_model(spec: dict):
@@ -127,10 +147,12 @@ def _build_hf(spec: dict, liger: bool = False):
     info["recipe"] = "no prepare_model_for_kbit_training (norms/embeddings stay bf16, as ours)" \
         if spec["mode"] == "qlora" else "bf16 model, fp32 adapters (PEFT default)"
 
-    def loss_fn(ids):
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    def fwd_bwd(ids):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss
 
-    return model, loss_fn, info
+    return model, fwd_bwd, info
 
 
 def _build_unsloth(spec: dict):
@@ -147,10 +169,12 @@ def _build_unsloth(spec: dict):
     info = {"lora_A_initialised": _init_lora(model, spec["seed"]), "gradient_checkpointing": gc_mode}
     model.train()
 
-    def loss_fn(ids):
-        return model(input_ids=ids, labels=ids).loss
+    def fwd_bwd(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
 
-    return model, loss_fn, info
+    return model, fwd_bwd, info
 
 
 def _versions() -> dict:
@@ -165,10 +189,9 @@ def _versions() -> dict:
     return out
 
 
-def _one_step(loss_fn, opt, ids):
+def _one_step(fwd_bwd, opt, ids):
     """One training step; returns the loss (a tensor: reading it would sync)."""
-    loss = loss_fn(ids)
-    loss.backward()
+    loss = fwd_bwd(ids)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -224,11 +247,11 @@ def _train(spec: dict) -> dict:
 
     peer = spec["peer"]
     cuda = spec["device"].startswith("cuda")
-    builders = {"ours": _build_ours, "ours-offload": _build_ours, "hf": _build_hf,
+    builders = {"ours": _build_ours, "ours-eager": _build_ours, "ours-offload": _build_ours, "hf": _build_hf,
                 "liger": lambda s: _build_hf(s, liger=True), "unsloth": _build_unsloth}
     torch.manual_seed(spec["seed"])
     t0 = time.perf_counter()
-    model, loss_fn, info = builders[peer](spec)
+    model, fwd_bwd, info = builders[peer](spec)
     build_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     from kernels.qlora import make_optimizer
@@ -255,14 +278,14 @@ def _train(spec: dict) -> dict:
         if spec["fresh_batches"] and step:
             ids = batch(step)
         t = time.perf_counter()
-        loss = _one_step(loss_fn, opt, ids)
+        loss = _one_step(fwd_bwd, opt, ids)
         losses.append(loss.detach().float())
         if cuda:
             torch.cuda.synchronize()
         step_s.append(time.perf_counter() - t)
     timed = step_s[spec["warmup"]:]
     losses = [float(v) for v in torch.stack(losses).cpu()]
-    profile = _profile(lambda: _one_step(loss_fn, opt, ids), cuda) if spec.get("profile") else None
+    profile = _profile(lambda: _one_step(fwd_bwd, opt, ids), cuda) if spec.get("profile") else None
     return {
         "profile": profile,
         "peer": peer, "ok": True, "tokens_per_s": B * T * len(timed) / sum(timed) if timed else None,

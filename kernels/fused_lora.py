@@ -88,10 +88,27 @@ def _optimizer_stepped(*_args, **_kwargs) -> None:
 register_optimizer_step_post_hook(_optimizer_stepped)
 
 
+_UNCACHED = [0]  # > 0 inside uncached_adapter_casts()
+
+
+@contextlib.contextmanager
+def uncached_adapter_casts():
+    """Cast adapters afresh at every use, neither reading nor filling the cache. For CUDA graph
+    capture: a replayed graph must cast the current weights itself (a cached cast is a tensor the
+    optimizer step does not update), and a cast made during capture lives in the graph's memory."""
+    _UNCACHED[0] += 1
+    try:
+        yield
+    finally:
+        _UNCACHED[0] -= 1
+
+
 def adapter_in(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Adapter weight `p` in `dtype` (itself when it already is; else a cached, detached cast)."""
     if p.dtype == dtype:
         return p
+    if _UNCACHED[0]:
+        return p.detach().to(dtype)
     key = (dtype, _STEP[0], p._version, p.data_ptr())
     cached = p.__dict__.get(_CAST)
     if cached is not None and cached[0] == key:
@@ -281,7 +298,7 @@ def _uninstall(module: nn.Module) -> bool:
         return False
     had, prev = module.__dict__.pop(_PREV)
     module.__dict__.pop(_MODE, None)
-    for attr in ("_fused_lora_qkv", "_fused_lora_glu", _PARTS):
+    for attr in ("_fused_lora_qkv", "_fused_lora_glu", "_fused_lora_last", _PARTS):
         module.__dict__.pop(attr, None)
     cur = module.__dict__.get("forward")
     if getattr(getattr(cur, "__func__", None), "_fused_lora", False):
@@ -348,6 +365,10 @@ def apply_fused_lora(model: nn.Module, mode: str | None = None) -> int:
 
     grouped: set[int] = set()
     blocks = {"mlp": 0, "qkv": 0, "single": 0}
+    # MLPs whose output meets only the residual add: layers with an `mlp` and no norm after it
+    # (Gemma 2/3 normalise the MLP output: its value is read in their backward)
+    last = {id(layer.mlp) for layer in model.modules() if isinstance(getattr(layer, "mlp", None), nn.Module)
+            and hasattr(layer, "self_attn") and not hasattr(layer, "post_feedforward_layernorm")}
     for name, mod in model.named_modules():
         mlp = [getattr(mod, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
         if all(k is not None and _is_lora_linear(k) for k in mlp) and callable(getattr(mod, "act_fn", None)):
@@ -356,7 +377,7 @@ def apply_fused_lora(model: nn.Module, mode: str | None = None) -> int:
                 log.info("fused LoRA: %s: activation %s has no fused GLU; its linears are fused one by one",
                          name, type(mod.act_fn).__name__)
             else:
-                install_mlp(mod, kind, mode)
+                install_mlp(mod, kind, mode, last=id(mod) in last)
                 grouped.update(id(k) for k in mlp)
                 blocks["mlp"] += 1
         qkv = [getattr(mod, k, None) for k in ("q_proj", "k_proj", "v_proj")]

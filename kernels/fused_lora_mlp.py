@@ -11,7 +11,9 @@ Forward (X [N, h]; gate/up W [I, h], down W [h, I]; adapters A, B; scales s):
 
 Saved: X, e, g, XA, hA. h is *not* saved: the backward recomputes it from e and g (one
 elementwise pass), then the GLU backward writes d e and d g over e's and g's buffers.
-Backward, given dY:
+h and dh exist only a block of rows at a time (MLP_CHUNK_ELEMENTS, ~32 MiB in bf16): with e and g
+([N, I] each) they are the largest tensors of a layer, and peak memory is reached in the MLP of
+the checkpointed layer being recomputed. Backward, given dY:
 
     dB_d = s_d dY^T hA ;  Gd = s_d dY B_d ;  dA_d = Gd^T h      (h recomputed, then dropped)
     dh   = dY W_d + Gd A_d
@@ -31,8 +33,18 @@ import torch.nn.functional as F
 from kernels.fused_lora import (_install, adapter_in, base_bias, base_weight, call_previous, compute_dtype,
                                 fused_forward, lora_parts, module_mode, no_autocast, scaled_grad)
 from kernels.ops.common import use_triton
+from kernels.recompute import in_recompute
 
 GLU_KINDS = ("silu", "gelu_tanh", "gelu")
+MLP_CHUNK_ELEMENTS = 1 << 24  # elements of h / dh alive at once (rows x intermediate size)
+
+
+def middle_rows(n_rows: int, inter: int) -> int:
+    """Rows of h (and of dh) computed at a time: a multiple of 128 near MLP_CHUNK_ELEMENTS."""
+    rows = max(1, MLP_CHUNK_ELEMENTS // max(inter, 1))
+    if rows >= 128:
+        rows = rows // 128 * 128
+    return max(1, min(rows, n_rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,10 +105,14 @@ def glu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, kind: str,
 # ----------------------------------------------------------------------------------------------
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """apply(x, mode, kind, bases(gate, up, down), scalings(gate, up, down), Ag, Bg, Au, Bu, Ad, Bd) -> Y."""
+    """apply(x, mode, kind, bases(gate, up, down), scalings(gate, up, down), unread, Ag, Bg, Au, Bu, Ad, Bd) -> Y.
+
+    unread: Y's value will not be read (the recomputation of a layer whose MLP output only meets
+    the residual add, see kernels/recompute.py): the down projection is skipped and Y is a
+    broadcast zero of the right shape. The backward is the same either way (it never reads Y)."""
 
     @staticmethod
-    def forward(ctx, x, mode, kind, bases, scalings, Ag, Bg, Au, Bu, Ad, Bd):
+    def forward(ctx, x, mode, kind, bases, scalings, unread, Ag, Bg, Au, Bu, Ad, Bd):
         dt = compute_dtype(x)
         gate, up, down = bases
         sg, su, sd = scalings
@@ -114,12 +130,27 @@ class LoRAMLPFunction(torch.autograd.Function):
             g = F.linear(X, W, base_bias(up, dt))  # [N, I]
             del W
             g.addmm_(XA[:, rg:], Bu_.t(), alpha=su)
-            h = glu_forward(e, g, kind, mode)  # [N, I]
-            hA = h @ Ad_.t()  # [N, rd]
-            W = base_weight(down, dt, mode)
-            Y = F.linear(h, W, base_bias(down, dt))  # [N, h]
-            del W, h
-            Y.addmm_(hA, Bd_.t(), alpha=sd)
+            N, rows = X.shape[0], middle_rows(X.shape[0], e.shape[1])
+            hA = X.new_empty((N, Ad_.shape[0]))  # [N, rd]
+            if unread:
+                W = bias = None
+                Y = X.new_zeros(()).expand(N, down.out_features)  # [N, h], never read
+            else:
+                W = base_weight(down, dt, mode)
+                bias = base_bias(down, dt)
+                Y = X.new_empty((N, W.shape[0]))  # [N, h]
+            for r0 in range(0, N, rows):  # h by blocks of rows: [rows, I]
+                r1 = min(r0 + rows, N)
+                h = glu_forward(e[r0:r1], g[r0:r1], kind, mode)
+                torch.mm(h, Ad_.t(), out=hA[r0:r1])
+                if W is not None and bias is None:
+                    torch.mm(h, W.t(), out=Y[r0:r1])
+                elif W is not None:
+                    torch.addmm(bias, h, W.t(), out=Y[r0:r1])
+                del h
+            del W
+            if not unread:
+                Y.addmm_(hA, Bd_.t(), alpha=sd)
         ctx.save_for_backward(X, e, g, XA, hA)
         # the adapters as the math used them (cast to dt; tiny): kept on ctx, so the backward
         # neither casts them again nor routes them through checkpointing's saved-tensor hooks
@@ -137,24 +168,30 @@ class LoRAMLPFunction(torch.autograd.Function):
         dt, mode, kind = ctx.dt, ctx.mode, ctx.kind
         gate, up, down = ctx.bases
         sg, su, sd = ctx.scalings
-        need = ctx.needs_input_grad  # (x, mode, kind, bases, scalings, Ag, Bg, Au, Bu, Ad, Bd)
+        need = ctx.needs_input_grad[:5] + ctx.needs_input_grad[6:]  # (x, mode, kind, bases, scalings, Ag, .., Bd)
         with no_autocast(X.device.type):
             dY = dY.reshape(-1, dY.shape[-1]).to(dt)  # [..., h] -> [N, h]
             # down projection
             dBd = scaled_grad(dY.t() @ hA, sd, tBd) if need[10] else None  # [h, rd]
             Gd = (dY @ Bd).mul_(sd)  # [N, rd]
-            dAd = None
-            if need[9]:
-                h = glu_forward(e, g, kind, mode)  # recomputed [N, I], dropped right after
-                dAd = (Gd.t() @ h).to(tAd)  # [rd, I]
-                del h
+            dAd = torch.zeros((Ad.shape[0], e.shape[1]), dtype=torch.float32, device=e.device) if need[9] else None
             W = base_weight(down, dt, mode)
-            dh = dY @ W  # [N, h] x [h, I] -> [N, I]
+            N, rows = X.shape[0], middle_rows(X.shape[0], e.shape[1])
+            for r0 in range(0, N, rows):  # by blocks of rows, as the forward
+                r1 = min(r0 + rows, N)
+                e_, g_ = e[r0:r1], g[r0:r1]
+                if need[9]:
+                    h = glu_forward(e_, g_, kind, mode)  # recomputed [rows, I], dropped right after
+                    dAd.add_(Gd[r0:r1].t() @ h)  # [rd, I], summed over blocks in fp32
+                    del h
+                dh = dY[r0:r1] @ W  # [rows, h] x [h, I] -> [rows, I]
+                dh.addmm_(Gd[r0:r1], Ad)
+                glu_backward(dh, e_, g_, kind, mode)  # GLU: d e, d g over e's and g's rows
+                del dh
             del W
-            dh.addmm_(Gd, Ad)
-            # GLU: d e, d g over e's and g's buffers
-            de, dg = glu_backward(dh, e, g, kind, mode)
-            del dh
+            de, dg = e, g
+            if dAd is not None:
+                dAd = dAd.to(tAd)
             rg = Bg.shape[1]
             dBg = scaled_grad(de.t() @ XA[:, :rg], sg, tBg) if need[6] else None  # [I, rg]
             dBu = scaled_grad(dg.t() @ XA[:, rg:], su, tBu) if need[8] else None  # [I, ru]
@@ -172,15 +209,17 @@ class LoRAMLPFunction(torch.autograd.Function):
                 del W
                 dX.addmm_(G, A_gu)
                 dx = dX.view(ctx.x_shape).to(ctx.x_dtype)
-        return dx, None, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd
+        return dx, None, None, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd
 
 
-def lora_mlp(x: torch.Tensor, gate, up, down, kind: str = "silu", mode: str | None = None) -> torch.Tensor:
-    """Functional entry: the fused MLP for three LoraParts (gate, up, down)."""
+def lora_mlp(x: torch.Tensor, gate, up, down, kind: str = "silu", mode: str | None = None,
+             unread: bool = False) -> torch.Tensor:
+    """Functional entry: the fused MLP for three LoraParts (gate, up, down). `unread`: see
+    LoRAMLPFunction."""
     if kind not in GLU_KINDS:
         raise ValueError(f"lora_mlp: kind must be one of {', '.join(GLU_KINDS)}, got {kind!r}")
     return LoRAMLPFunction.apply(x, mode, kind, (gate.base, up.base, down.base),
-                                 (gate.scaling, up.scaling, down.scaling),
+                                 (gate.scaling, up.scaling, down.scaling), bool(unread),
                                  gate.A, gate.B, up.A, up.B, down.A, down.B)
 
 
@@ -189,10 +228,14 @@ def _mlp_forward(self, x, *args, **kwargs):
     if not args and not kwargs:
         parts = [lora_parts(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
         if all(p is not None for p in parts):
-            return lora_mlp(x, *parts, kind=self.__dict__["_fused_lora_glu"], mode=module_mode(self))
+            unread = self.__dict__["_fused_lora_last"] and in_recompute()
+            return lora_mlp(x, *parts, kind=self.__dict__["_fused_lora_glu"], mode=module_mode(self), unread=unread)
     return call_previous(self, x, *args, **kwargs)
 
 
-def install_mlp(mlp, kind: str, mode: str | None = None) -> None:
+def install_mlp(mlp, kind: str, mode: str | None = None, last: bool = False) -> None:
+    """`last`: the MLP's output meets only the residual add in its layer (no norm after it), so its
+    value is not needed when the layer is recomputed for the backward."""
     _install(mlp, _mlp_forward, mode)
     object.__setattr__(mlp, "_fused_lora_glu", kind)
+    object.__setattr__(mlp, "_fused_lora_last", bool(last))

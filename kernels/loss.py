@@ -20,7 +20,7 @@ from kernels.ops.linear_cross_entropy import IGNORE_INDEX
 from kernels.ops.linear_cross_entropy import linear_cross_entropy_reference as reference_linear_cross_entropy
 from kernels.patch import kernels_config, linear_cross_entropy
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss_sum", "reference_linear_cross_entropy", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "causal_lm_loss_sum", "reference_linear_cross_entropy", "shift_labels"]
 
 
 def _decoder_and_head(model):
@@ -39,19 +39,28 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def causal_lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
                        position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    decoder, head, softcap = _decoder_and_head(model)
     targets = shift_labels(labels)  # [B, T]
     # counted before the forward: the host waits for this one small reduction, not for the whole
     # forward pass to drain (which would leave the GPU idle while the backward is being queued)
     n_tokens = int((targets != IGNORE_INDEX).sum())
+    return _loss_sum(model, input_ids, targets, position_ids), n_tokens
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum of token losses only: nothing is read back to the host (CUDA graph capture;
+    the caller counts target tokens on its CPU copy of the labels)."""
+    return _loss_sum(model, input_ids, shift_labels(labels), position_ids)
+
+
+def _loss_sum(model, input_ids, targets, position_ids) -> torch.Tensor:
+    decoder, head, softcap = _decoder_and_head(model)
     out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state  # [B, T, H]
     h = hidden.reshape(-1, hidden.shape[-1])  # [B, T, H] -> [B*T, H]
     t = targets.reshape(-1)
     cfg = kernels_config(model)
     if cfg is not None and not cfg.enabled:
-        loss = reference_linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum")
-    else:
-        loss = linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum",
-                                    mode=cfg.mode if cfg is not None else None)
-    return loss, n_tokens
+        return reference_linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum")
+    return linear_cross_entropy(h, head.weight, t, softcap=softcap, reduction="sum",
+                                mode=cfg.mode if cfg is not None else None)

@@ -174,9 +174,35 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, device="cpu"
 CHECKPOINT_KWARGS = {"use_reentrant": False, "determinism_check": "none"}
 
 
+def has_dropout(model) -> bool:
+    """Whether training `model` draws random numbers: a dropout module with p > 0 (LoRA dropout
+    included) or a config dropout rate > 0 (attention dropout is functional in transformers)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    cfg = getattr(base_model(model), "config", None)
+    for k, v in (vars(cfg) if cfg is not None else {}).items():
+        if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return True
+    return False
+
+
 def enable_gradient_checkpointing(model) -> None:
-    """Checkpoint every decoder layer of `model` (a PEFT wrapper or the HF model itself)."""
-    base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+    """Checkpoint every decoder layer of `model` (a PEFT wrapper or the HF model itself).
+
+    Without dropout the recomputation draws no random numbers, so the RNG state is not stashed
+    per layer (host time saved, and a step can be captured as a CUDA graph: reading the CUDA RNG
+    state is not allowed while capturing)."""
+    import functools
+
+    from kernels.recompute import checkpoint
+
+    kw = dict(CHECKPOINT_KWARGS, preserve_rng_state=has_dropout(model))
+    m = base_model(model)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    # the same checkpoint, with its recomputation marked (kernels/recompute.py)
+    for layer in m.modules():
+        if getattr(layer, "gradient_checkpointing", False) and "_gradient_checkpointing_func" in layer.__dict__:
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, **kw)
 
 
 def add_lora(model, cfg: ModelConfig):

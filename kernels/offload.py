@@ -38,6 +38,8 @@ import weakref
 import torch
 from torch import nn
 
+from kernels.recompute import recomputing
+
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -181,8 +183,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
             with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast,
-                                                     enabled=ctx.autocast is not None):
-                out = ctx.run_fn(hidden, *ctx.rest)
+                                                     enabled=ctx.autocast is not None), recomputing():
+                out = ctx.run_fn(hidden, *ctx.rest)  # values unread past the last projection
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)
                  if torch.is_tensor(o) and o.requires_grad and g is not None]

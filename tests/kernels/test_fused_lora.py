@@ -107,6 +107,29 @@ def test_mlp_block_matches_peft(family, shape):
     _compare(ref, _run_module(mlp, x, model), TOL_FP32)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_mlp_block_by_blocks_of_rows_matches_peft(family, monkeypatch):
+    """h and dh are computed a block of rows at a time: 123 rows in blocks of 5 (a short last one)."""
+    import kernels.fused_lora_mlp as fm
+
+    model = _model(family)
+    mlp = _layer0(model).mlp
+    monkeypatch.setattr(fm, "MLP_CHUNK_ELEMENTS", 5 * model.config.intermediate_size)
+    assert fm.middle_rows(123, model.config.intermediate_size) == 5
+    x = torch.randn(3, 41, model.config.hidden_size)
+    ref = _run_module(mlp, x, model)
+    assert apply_fused_lora(model) > 0
+    _compare(ref, _run_module(mlp, x, model), TOL_FP32)
+
+
+def test_middle_rows_are_multiples_of_128_at_real_sizes():
+    from kernels.fused_lora_mlp import middle_rows
+
+    assert middle_rows(8192, 8192) == 2048  # 1B: h in 4 blocks of 32 MiB
+    assert middle_rows(4096, 14336) == 1152  # 8B
+    assert middle_rows(100, 8192) == 100
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("order", ["qkv", "vqk"])
 def test_qkv_group_and_o_match_peft(family, order):
@@ -187,6 +210,40 @@ def test_with_gradient_checkpointing():
     apply_fused_lora(model)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _compare(ref, _run_module(fn, x, model), TOL_FP32)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("ckpt", ["checkpoint", "offload"])
+def test_recomputation_skips_the_unread_down_projection(family, ckpt, monkeypatch):
+    """Recomputed for the backward, a Llama layer's MLP output meets only the residual add, so the
+    down projection is skipped there (one per layer in the forward, none in the backward); Gemma 2
+    normalises the MLP output, so its layers compute it again. Gradients equal PEFT's either way."""
+    import kernels.fused_lora_mlp as fm
+    from kernels.model import enable_gradient_checkpointing
+    from kernels.offload import enable_offloaded_checkpointing
+
+    model = _model(family)
+    ids = torch.randint(0, 257, (2, 13), generator=torch.Generator().manual_seed(0))
+    x = model.get_input_embeddings()(ids).detach()
+
+    def fn(e):
+        return model(inputs_embeds=e).logits
+
+    ref = _run_module(fn, x, model)
+    apply_fused_lora(model)
+    if ckpt == "checkpoint":
+        enable_gradient_checkpointing(model)
+    else:
+        enable_offloaded_checkpointing(model, offload=False)
+    downs = []
+    real = fm.base_weight
+    monkeypatch.setattr(fm, "base_weight", lambda lin, *a: (downs.append(lin.out_features), real(lin, *a))[1])
+    got = _run_module(fn, x, model)
+    _compare(ref, got, TOL_FP32)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    # base_weight(down) runs once per layer in the forward and once in the backward (dh = dY W_d);
+    # the recomputation adds a third only where the output is read
+    assert downs.count(hidden) == (2 if family == "llama" else 3) * layers
 
 
 def test_bf16_base_fp32_adapters_under_checkpointing_match_peft():
