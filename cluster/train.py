@@ -192,23 +192,18 @@ def _build_for_training(spec: TrainSpec, device):
 
 def _graphed_step(model, device, autocast, world: int, use_ds: bool):
     """(kernels.cuda_graph.GraphedStep or None, what the start line reports)."""
-    from kernels.cuda_graph import GraphedStep, unsupported_reason
-    from kernels.loss import causal_lm_loss
+    from kernels.cuda_graph import graphed_causal_lm
 
-    why = unsupported_reason(model, device)
     if use_ds:
         why = "DeepSpeed's engine runs the backward"
     elif world > 1:
         why = f"DDP over {world} workers (its gradient all-reduce is not captured)"
-    if why is not None:
-        log.info("cuda graphs: off: %s", why)
-        return None, f"off ({why})"
-
-    def loss_fn(input_ids, labels, position_ids):
-        return causal_lm_loss(model, input_ids, labels, position_ids)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    return GraphedStep(loss_fn, params, model=model, device=device, autocast_dtype=autocast), "on"
+    else:
+        graph, why = graphed_causal_lm(model, device, autocast)
+        if graph is not None:
+            return graph, "on"
+    log.info("cuda graphs: off: %s", why)
+    return None, f"off ({why})"
 
 
 def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads best in one piece

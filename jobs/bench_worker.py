@@ -46,7 +46,7 @@ def _init_lora(model, seed: int) -> int:
 
 def _build_ours(spec: dict):
     from kernels.fused_lora import apply_fused_lora
-    from kernels.loss import causal_lm_loss, causal_lm_loss_sum
+    from kernels.loss import causal_lm_loss_sum
     from kernels.model import LoraConfig, ModelConfig, add_lora, build_model, enable_gradient_checkpointing
 
     cfg = ModelConfig(path=spec["model_dir"], finetune=spec["mode"], dtype=spec["dtype"], attn_implementation="sdpa",
@@ -76,21 +76,16 @@ def _build_ours(spec: dict):
         enable_gradient_checkpointing(model)
     info["gradient_checkpointing"] = gc_mode
     model.train()
-    graphs = spec.get("cuda_graphs", True) and spec["peer"] == "ours" and spec["device"].startswith("cuda")
-    if graphs:
+    step, info["cuda_graphs"] = None, "off"
+    if spec.get("cuda_graphs", True) and spec["peer"] == "ours" and spec["device"].startswith("cuda"):
         import torch
 
-        from kernels.cuda_graph import GraphedStep, unsupported_reason
+        from kernels.cuda_graph import graphed_causal_lm
 
-        why = unsupported_reason(model, torch.device(spec["device"]))
-        graphs = why is None
-        info["cuda_graphs"] = "on" if graphs else f"off ({why})"
-    else:
-        info["cuda_graphs"] = "off"
-    if graphs:
+        step, why = graphed_causal_lm(model, torch.device(spec["device"]))
+        info["cuda_graphs"] = "on" if step is not None else f"off ({why})"
+    if step is not None:
         n = spec["batch"] * (spec["seq"] - 1)  # labels = input ids: every shifted position counts
-        step = GraphedStep(lambda input_ids, labels: causal_lm_loss(model, input_ids, labels),
-                           [p for p in model.parameters() if p.requires_grad], model=model, device=spec["device"])
 
         def fwd_bwd(ids):  # the mean over target tokens, as the peers' model(labels=...).loss
             return step({"input_ids": ids, "labels": ids}, 1.0 / n) / n

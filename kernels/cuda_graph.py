@@ -79,6 +79,21 @@ def unsupported_reason(model, device: torch.device) -> str | None:
     return None
 
 
+def graphed_causal_lm(model, device: torch.device, autocast_dtype: torch.dtype | None = None):
+    """(GraphedStep over kernels.loss.causal_lm_loss of `model`, None), or (None, why it cannot be).
+    Its inputs: input_ids, labels and optionally position_ids; the trainer and the bench use it."""
+    why = unsupported_reason(model, device)
+    if why is not None:
+        return None, why
+    from kernels.loss import causal_lm_loss
+
+    def loss_fn(input_ids, labels, position_ids=None):
+        return causal_lm_loss(model, input_ids, labels, position_ids)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return GraphedStep(loss_fn, params, model=model, device=device, autocast_dtype=autocast_dtype), None
+
+
 @contextlib.contextmanager
 def _host_decided_masks(model, packed: bool):
     """While capturing: transformers cannot look at position_ids (that would read the GPU), so it
@@ -142,6 +157,7 @@ class GraphedStep:
         inputs = {k: v for k, v in inputs.items() if v is not None}
         packed = is_packed(inputs.get("position_ids").cpu() if "position_ids" in inputs else None)
         key = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())), packed)
+        self._restore_grads()  # every path below, eager ones too, adds into the graph-owned gradients
         g = self._graphs.get(key)
         if g is None:
             if len(self._graphs) >= self.max_graphs:
@@ -151,7 +167,6 @@ class GraphedStep:
                     self._warned_eager = True
                 return self._eager(inputs, scale, side_stream=False)
             g = self._graphs[key] = _Graph()
-        self._restore_grads()
         if g.failed:
             return self._eager(inputs, scale, side_stream=False)
         if g.graph is None and g.eager_calls < self.warmup:

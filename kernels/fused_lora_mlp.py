@@ -143,9 +143,9 @@ class LoRAMLPFunction(torch.autograd.Function):
                 r1 = min(r0 + rows, N)
                 h = glu_forward(e[r0:r1], g[r0:r1], kind, mode)
                 torch.mm(h, Ad_.t(), out=hA[r0:r1])
-                if W is not None and bias is None:
+                if not unread and bias is None:
                     torch.mm(h, W.t(), out=Y[r0:r1])
-                elif W is not None:
+                elif not unread:
                     torch.addmm(bias, h, W.t(), out=Y[r0:r1])
                 del h
             del W
