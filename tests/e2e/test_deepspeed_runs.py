@@ -5,28 +5,19 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from sft_cli import run_sft
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("deepspeed")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "jobs", "configs", "tiny-sft.yaml")
 ARGS = ["max_steps=6", "trainer.checkpoint_every=3", "trainer.eval_every=3"]
 ZERO3 = ["trainer.strategy=deepspeed", "trainer.deepspeed.zero_stage=3"]
 
 
 def _run(out_dir, extra=()):
-    env = dict(os.environ, PYTHONPATH=ROOT, RAY_TRAIN_V2_ENABLED="1")
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "sft", CONFIG, f"output_dir={out_dir}", *ARGS, *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return run_sft(out_dir, [*ARGS, *extra])[0]
 
 
 def test_zero3_matches_ddp_and_resumes_from_its_shards(tmp_path):

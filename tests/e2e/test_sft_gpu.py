@@ -2,17 +2,11 @@
 the eager run's, with gradient accumulation over packed rows, bf16 autocast and fused LoRA."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from sft_cli import run_sft
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpu]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "jobs", "configs", "tiny-sft.yaml")
 # trainable embeddings keep graphs off (their backward reads back to the host): adapters only
 ARGS = ["max_steps=8", "trainer.num_workers=1", "trainer.use_gpu=true", "trainer.grad_accum=2",
         "trainer.checkpoint_every=0", "trainer.eval_every=0", "model.train_embeddings=false",
@@ -20,13 +14,7 @@ ARGS = ["max_steps=8", "trainer.num_workers=1", "trainer.use_gpu=true", "trainer
 
 
 def _run(out_dir, extra=()):
-    env = dict(os.environ, PYTHONPATH=ROOT, RAY_TRAIN_V2_ENABLED="1")
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "sft", CONFIG, f"output_dir={out_dir}", *ARGS, *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()], proc.stdout + proc.stderr
+    return run_sft(out_dir, [*ARGS, *extra])
 
 
 def test_cuda_graphs_follow_eager_losses(tmp_path):

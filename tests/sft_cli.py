@@ -1,0 +1,23 @@
+"""`posttrain sft` of the tiny config in a subprocess on local Ray, for the e2e tests (tests/ is on
+sys.path: its conftest.py lives there)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SFT = os.path.join(ROOT, "jobs", "configs", "tiny-sft.yaml")
+
+
+def run_sft(out_dir: str, args=(), timeout: float = 900) -> tuple[list[dict], str]:
+    """Run `python -m jobs.cli sft tiny-sft.yaml output_dir=OUT *args`; assert it succeeds.
+    Returns (the rows of OUT/metrics.jsonl, its stdout + stderr)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, RAY_TRAIN_V2_ENABLED="1")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "sft", TINY_SFT, f"output_dir={out_dir}", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()], proc.stdout + proc.stderr
