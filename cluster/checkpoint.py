@@ -5,9 +5,12 @@ the frozen base is rebuilt from the config, which is deterministic.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -92,3 +95,24 @@ def latest_checkpoint(root: str) -> str | None:
             if step > best_step:
                 best, best_step = dirpath, step
     return best
+
+
+@contextlib.contextmanager
+def checkpoint_files(checkpoint, rank: int):
+    """A local folder with a Ray Train checkpoint's files, for this process alone, while the block runs.
+
+    Checkpoints on a local (or shared, mounted) filesystem are read where they are. Others are
+    downloaded into a folder of this rank's own and removed afterwards: Ray's default download
+    folder is shared by the processes of a node, and a rank that comes late downloads into it again
+    while an earlier one is reading (a torn optimizer.pt on resume).
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    tmp = tempfile.mkdtemp(prefix=f"posttrain-resume-rank{rank}-")
+    try:
+        yield checkpoint.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

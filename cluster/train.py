@@ -9,6 +9,7 @@ skipping the micro-batches the interrupted epoch had consumed, so the losses con
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -213,7 +214,7 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
     import torch
     import torch.distributed as dist
 
-    from cluster.checkpoint import load_training_state, save_training_state
+    from cluster.checkpoint import checkpoint_files, load_training_state, save_training_state
     from cluster.run_files import RunFiles
     from cluster.train_step import (LossForward, accumulate_step, collate, grad_norm_and_clip,
                                     lr_lambda, make_optimizer)
@@ -273,19 +274,19 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
     gc.freeze()
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_eval": None, "evals_without_gain": 0}
     ckpt = ray.train.get_checkpoint()
-    resume_dir = None
     if ckpt is not None:
-        resume_dir = ckpt.to_directory()
-    elif tc.resume_from:
-        resume_dir = tc.resume_from
+        resume = checkpoint_files(ckpt, rank)
+    else:
+        resume = contextlib.nullcontext(tc.resume_from or None)
     files = RunFiles(spec.output_dir) if rank == 0 else None
-    if resume_dir:
-        if engine is not None:
-            state.update(dss.load(resume_dir, engine))
-        else:
-            state.update(load_training_state(resume_dir, model, optimizer, scheduler))
-        if rank == 0:
-            _say(f"[train] resumed from step {state['step']} ({resume_dir})")
+    with resume as resume_dir:
+        if resume_dir:
+            if engine is not None:
+                state.update(dss.load(resume_dir, engine))
+            else:
+                state.update(load_training_state(resume_dir, model, optimizer, scheduler))
+            if rank == 0:
+                _say(f"[train] resumed from step {state['step']} ({ckpt.path if ckpt else resume_dir})")
     if files is not None:
         files.truncate_metrics_after(state["step"])
 

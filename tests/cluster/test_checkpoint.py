@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from cluster.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from cluster.checkpoint import checkpoint_files, latest_checkpoint, load_training_state, save_training_state
 
 
 def _setup(seed):
@@ -51,3 +51,28 @@ def test_a_deepspeed_checkpoint_is_refused_by_the_ddp_path_with_the_reason(tmp_p
         load_training_state(str(d), model, opt, sched)
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         load_training_state(str(tmp_path), model, opt, sched)
+
+
+def test_each_rank_reads_a_remote_checkpoint_from_its_own_folder(tmp_path):
+    """Ray's default download folder is shared by a node's processes, and a late rank downloads into
+    it again while an earlier one reads; each rank gets a folder of its own, removed after use."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    src = tmp_path / "ckpt"
+    model, opt, sched = _setup(0)
+    save_training_state(str(src), model, opt, sched, {"step": 7})
+    local = Checkpoint(str(src), filesystem=pyarrow.fs.LocalFileSystem())
+    with checkpoint_files(local, 0) as d:
+        assert d == str(src)  # read in place, no copy
+
+    # the same files behind a filesystem that is not the local one, as with S3 or GCS
+    remote = Checkpoint("ckpt", filesystem=pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem()))
+    with checkpoint_files(remote, 0) as d0, checkpoint_files(remote, 1) as d1:
+        assert d0 != d1 and str(src) not in (d0, d1)
+        for d in (d0, d1):
+            assert sorted(os.listdir(d)) == sorted(os.listdir(src))
+            m, o, s = _setup(1)
+            assert load_training_state(d, m, o, s)["step"] == 7
+            torch.testing.assert_close(m[1].weight, model[1].weight)
+    assert not os.path.exists(d0) and not os.path.exists(d1)
