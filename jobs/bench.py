@@ -6,7 +6,9 @@ own subprocess on that same model and the same seeded batch of random token ids:
 linear layers (r=16, alpha=2r, dropout 0), bf16, gradient checkpointing on, AdamW, the loss the
 mean over target tokens (labels = input ids, shifted inside). Warmup steps are not timed. For each
 it reports tokens/s, peak GiB (torch.cuda.max_memory_allocated, model included), the loss after
-N steps and the first 20 losses; prints a markdown table and writes JSON. A contender that is not
+N steps and the first 20 losses; prints a markdown table, a line `ratio tokens/s ours/<peer>: N.NN`
+per peer, and writes JSON. --rounds N runs the whole set N times, round after round, and reports
+the median tokens/s with every round's figure and per-round ratios. A contender that is not
 installed or crashes is reported with its error line; the run goes on.
 
 The contenders' code is in jobs/bench_worker.py (one process each); this module orchestrates.
@@ -107,13 +109,14 @@ def _prepare_model(a, workdir: str) -> str:
 
 
 def _run_peer(a, peer: str, model_dir: str, vocab: int, workdir: str, seq: int | None = None,
-              batch: int | None = None, steps: int | None = None, warmup: int | None = None, tag: str = "") -> dict:
+              batch: int | None = None, steps: int | None = None, warmup: int | None = None, tag: str = "",
+              profile: bool | None = None) -> dict:
     spec = dict(peer=peer, model_dir=model_dir, mode=a.mode, dtype=a.dtype, device=a.device, rank=a.rank,
                 alpha=a.alpha, seq=seq or a.seq, batch=batch or a.batch, steps=a.steps if steps is None else steps,
                 warmup=a.warmup if warmup is None else warmup, lr=a.lr, optimizer=a.optimizer, seed=a.seed,
                 vocab_size=vocab, fresh_batches=a.fresh_batches, gc=a.gc, unsloth_gc=a.unsloth_gc,
                 cuda_graphs=getattr(a, "cuda_graphs", True),
-                profile=bool(getattr(a, "profile", False)) and not tag)
+                profile=bool(getattr(a, "profile", False)) and not tag if profile is None else profile)
     name = f"{peer}{tag}"
     spec_path, result_path = os.path.join(workdir, f"{name}.spec.json"), os.path.join(workdir, f"{name}.result.json")
     log_path = os.path.join(workdir, f"{name}.log")
@@ -164,6 +167,53 @@ def _loss_check(ref: list[float], other: list[float]) -> dict:
             "match": rel[i] <= LOSS_RTOL}
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _combine_rounds(runs: list[dict]) -> dict:
+    """One contender's result over --rounds runs: tokens/s the median of the runs that finished,
+    peak memory the largest, losses and the rest from the first that finished; every run's figures
+    under "rounds". A contender counts as ok when every round finished."""
+    rounds = [{"ok": bool(r.get("ok")), "tokens_per_s": r.get("tokens_per_s"), "peak_gib": r.get("peak_gib"),
+               **({} if r.get("ok") else {"error": r.get("error")})} for r in runs]
+    done = [r for r in runs if r.get("ok")]
+    if not done:
+        return {**runs[0], "rounds": rounds}
+    out = {**done[0], "rounds": rounds, "tokens_per_s": _median([r["tokens_per_s"] for r in done])}
+    peaks = [r["peak_gib"] for r in done if r.get("peak_gib") is not None]
+    out["peak_gib"] = max(peaks) if peaks else None
+    if len(done) < len(runs):
+        failed = next(r for r in runs if not r.get("ok"))
+        out.update(ok=False, error=f"{len(runs) - len(done)} of {len(runs)} rounds failed: {failed.get('error')}")
+    return out
+
+
+def _ratios(results: dict) -> dict:
+    """ours ÷ each peer in tokens/s: of the medians, and round by round (the contenders of one round
+    ran back to back, so a per-round ratio shares the GPU's state of that moment)."""
+    ours = results.get("ours", {})
+    out = {}
+    for name, r in results.items():
+        if name == "ours" or not ours.get("tokens_per_s") or not r.get("tokens_per_s"):
+            continue
+        per_round = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours.get("rounds", []), r.get("rounds", []))
+                     if o.get("ok") and t.get("ok")]
+        out[name] = {"ratio": ours["tokens_per_s"] / r["tokens_per_s"], "per_round": per_round}
+    return out
+
+
+def _ratio_lines(ratios: dict, results: dict, rounds: int) -> list[str]:
+    lines = []
+    for name, q in ratios.items():
+        each = (" (per round: " + ", ".join(f"{x:.2f}" for x in q["per_round"]) + ")") if rounds > 1 else ""
+        partial = "" if results[name].get("ok") and results["ours"].get("ok") else " (not every round finished)"
+        lines.append(f"ratio tokens/s ours/{name}: {q['ratio']:.2f}{each}{partial}")
+    return lines
+
+
 def _write_out(path: str, report: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _write(path, report)
@@ -176,11 +226,15 @@ def _fmt(v, spec=",.0f"):
 def _table(results: dict, a) -> str:
     ours = results.get("ours") if results.get("ours", {}).get("ok") else None
     hf = results.get("hf") if results.get("hf", {}).get("ok") else None
-    rows = [f"| contender | tokens/s | ours ÷ it (speed) | peak GiB | it ÷ ours (memory) | loss @ {a.warmup + a.steps} "
-            f"| first {N_LOSSES} losses vs HF+PEFT | status |", "|---|---|---|---|---|---|---|---|"]
+    many = getattr(a, "rounds", 1) > 1
+    head = "tokens/s (median of rounds) | tokens/s per round" if many else "tokens/s"
+    rows = [f"| contender | {head} | ours ÷ it (speed) | peak GiB | it ÷ ours (memory) | loss @ {a.warmup + a.steps} "
+            f"| first {N_LOSSES} losses vs HF+PEFT | status |", "|---|---|---|---|---|---|---|---|" + ("---|" if many else "")]
     for name, r in results.items():
+        each = " / ".join(_fmt(x.get("tokens_per_s")) if x.get("ok") else "failed" for x in r.get("rounds", []))
         if not r.get("ok"):
-            rows.append(f"| {name} | - | - | - | - | - | - | {r.get('error', 'failed')} |")
+            tps = f"{_fmt(r.get('tokens_per_s'))} | {each}" if many else "-"
+            rows.append(f"| {name} | {tps} | - | - | - | - | - | {r.get('error', 'failed')} |")
             continue
         speed = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}×" if ours else "-"
         mem = f"{r['peak_gib'] / ours['peak_gib']:.2f}×" if ours and ours.get("peak_gib") and r.get("peak_gib") else "-"
@@ -188,7 +242,8 @@ def _table(results: dict, a) -> str:
         if hf and name != "hf":
             c = _loss_check(hf["losses"], r["losses"])
             chk = f"max Δ {c['max_abs']:.4f} ({c['max_rel']:.2%}) {'match' if c['match'] else 'DIFFER'}"
-        rows.append(f"| {name} | {_fmt(r['tokens_per_s'])} | {speed} | {_fmt(r.get('peak_gib'), '.2f')} | {mem} "
+        tps = f"{_fmt(r['tokens_per_s'])} | {each}" if many else _fmt(r["tokens_per_s"])
+        rows.append(f"| {name} | {tps} | {speed} | {_fmt(r.get('peak_gib'), '.2f')} | {mem} "
                     f"| {r['final_loss']:.4f} | {chk} | ok |")
     return "\n".join(rows)
 
@@ -248,6 +303,9 @@ def parse_args(argv):
     s.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default 2 x rank)")
     s.add_argument("--steps", type=int, default=20, help="timed steps")
     s.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    s.add_argument("--rounds", type=int, default=1,
+                   help="run every contender this many times, round after round; tokens/s is the median, the "
+                        "ratios are given per round too (a peer whose speed swings between runs)")
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--optimizer", choices=("adamw", "adamw_8bit"), default="adamw", help="the same for everyone")
     s.add_argument("--peers", default="hf,liger,unsloth",
@@ -310,6 +368,10 @@ def _sft(a) -> int:
     if a.max_seq and a.peers == "hf,liger,unsloth":
         a.peers = "ours,unsloth"
     peers = _peer_list(a.peers, a.max_seq)
+    if a.rounds < 1:
+        raise SystemExit(f"--rounds {a.rounds}: expected 1 or more")
+    if a.rounds > 1 and a.max_seq:
+        raise SystemExit("--rounds applies to the timed runs; --max-seq probes each length once")
     workdir = a.workdir or tempfile.mkdtemp(prefix="posttrain-bench-")
     os.makedirs(workdir, exist_ok=True)
     print(f"[bench] workdir {workdir}; contenders: {', '.join(peers)}", flush=True)
@@ -336,17 +398,26 @@ def _sft(a) -> int:
             print(f"| {peer} | {longest} | {_fmt(r['peak_gib_at_max'], '.2f')} | {_fmt(r['tokens_per_s_at_max'])} |")
         ok = report["max_seq"].get("ours", {"max_seq": 1})["max_seq"] > 0
     else:
-        results = {}
+        results, runs = {}, {peer: [] for peer in peers}
         report["results"] = results
-        for peer in peers:
-            results[peer] = _run_peer(a, peer, model_dir, vocab, workdir)
-            if a.out:  # partial results survive a run cut short (device time limits)
-                _write_out(a.out, report)
+        report["rounds"] = a.rounds
+        for i in range(a.rounds):  # round after round, every contender once per round, in the same order
+            if a.rounds > 1:
+                print(f"[bench] round {i + 1} of {a.rounds}", flush=True)
+            for peer in peers:
+                runs[peer].append(_run_peer(a, peer, model_dir, vocab, workdir, tag=f"-r{i + 1}" if a.rounds > 1 else "",
+                                            profile=a.profile and i == 0))
+                results[peer] = _combine_rounds(runs[peer])
+                if a.out:  # partial results survive a run cut short (device time limits)
+                    _write_out(a.out, report)
         device = next((r["device"] for r in results.values() if r.get("ok")), "?")
         report["device"] = device
         print(f"\n{a.preset} {a.mode}, seq {a.seq} x batch {a.batch}, r={a.rank}, {a.dtype}, checkpointing on, "
               f"{a.steps} timed steps after {a.warmup} warmup, on {device}:\n")
         print(_table(results, a))
+        report["ratios"] = _ratios(results)
+        if report["ratios"]:
+            print("\n" + "\n".join(_ratio_lines(report["ratios"], results, a.rounds)))
         if results.get("hf", {}).get("ok"):
             report["loss_check_vs_hf"] = {n: _loss_check(results["hf"]["losses"], r["losses"])
                                           for n, r in results.items() if r.get("ok") and n != "hf"}
