@@ -84,22 +84,20 @@ def accumulate_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, to
     for i, mb in enumerate(micro_batches):
         if graph is not None:
             loss = graph({k: mb[k] for k in ("input_ids", "labels", "position_ids")}, scale)
-            loss_sum += float(loss)
-            input_tokens += int(mb["input_ids"].numel())
-            continue
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        last = i == len(micro_batches) - 1
-        sync = (contextlib.nullcontext() if last or backward is not None or not hasattr(loss_module, "no_sync")
-                else loss_module.no_sync())
-        amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
-               if autocast_dtype is not None else contextlib.nullcontext())
-        with sync:
-            with amp:
-                loss, _ = loss_module(mb["input_ids"], mb["labels"], mb["position_ids"])
-            if backward is None:
-                (loss * scale).backward()
-            else:
-                backward(loss * scale)
+        else:
+            mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+            last = i == len(micro_batches) - 1
+            sync = (contextlib.nullcontext() if last or backward is not None or not hasattr(loss_module, "no_sync")
+                    else loss_module.no_sync())
+            amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
+                   if autocast_dtype is not None else contextlib.nullcontext())
+            with sync:
+                with amp:
+                    loss, _ = loss_module(mb["input_ids"], mb["labels"], mb["position_ids"])
+                if backward is None:
+                    (loss * scale).backward()
+                else:
+                    backward(loss * scale)
         loss_sum += float(loss.detach())
         input_tokens += int(mb["input_ids"].numel())
     total_loss = all_reduce_sum(loss_sum)

@@ -110,13 +110,13 @@ def _prepare_model(a, workdir: str) -> str:
 
 def _run_peer(a, peer: str, model_dir: str, vocab: int, workdir: str, seq: int | None = None,
               batch: int | None = None, steps: int | None = None, warmup: int | None = None, tag: str = "",
-              profile: bool | None = None) -> dict:
+              profile: bool = False) -> dict:
     spec = dict(peer=peer, model_dir=model_dir, mode=a.mode, dtype=a.dtype, device=a.device, rank=a.rank,
                 alpha=a.alpha, seq=seq or a.seq, batch=batch or a.batch, steps=a.steps if steps is None else steps,
                 warmup=a.warmup if warmup is None else warmup, lr=a.lr, optimizer=a.optimizer, seed=a.seed,
                 vocab_size=vocab, fresh_batches=a.fresh_batches, gc=a.gc, unsloth_gc=a.unsloth_gc,
                 cuda_graphs=getattr(a, "cuda_graphs", True),
-                profile=bool(getattr(a, "profile", False)) and not tag if profile is None else profile)
+                profile=profile)
     name = f"{peer}{tag}"
     spec_path, result_path = os.path.join(workdir, f"{name}.spec.json"), os.path.join(workdir, f"{name}.result.json")
     log_path = os.path.join(workdir, f"{name}.log")

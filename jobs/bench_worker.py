@@ -142,12 +142,17 @@ def _build_hf(spec: dict, liger: bool = False):
     info["recipe"] = "no prepare_model_for_kbit_training (norms/embeddings stay bf16, as ours)" \
         if spec["mode"] == "qlora" else "bf16 model, fp32 adapters (PEFT default)"
 
+    return model, _labels_fwd_bwd(model, use_cache=False), info
+
+
+def _labels_fwd_bwd(model, **kwargs):
+    """A peer's step: the model's own loss (labels = input ids, shifted inside), then its backward."""
     def fwd_bwd(ids):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
         loss.backward()
         return loss
 
-    return model, fwd_bwd, info
+    return fwd_bwd
 
 
 def _build_unsloth(spec: dict):
@@ -164,12 +169,7 @@ def _build_unsloth(spec: dict):
     info = {"lora_A_initialised": _init_lora(model, spec["seed"]), "gradient_checkpointing": gc_mode}
     model.train()
 
-    def fwd_bwd(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss
-
-    return model, fwd_bwd, info
+    return model, _labels_fwd_bwd(model), info
 
 
 def _versions() -> dict:
