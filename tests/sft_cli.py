@@ -11,13 +11,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SFT = os.path.join(ROOT, "jobs", "configs", "tiny-sft.yaml")
 
 
+def sft_env() -> dict:
+    """The environment of a CLI run: the repo importable, Ray Train v2, a fresh local Ray."""
+    env = dict(os.environ, RAY_TRAIN_V2_ENABLED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def sft_command(out_dir: str, args=()) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "sft", TINY_SFT, f"output_dir={out_dir}", *args]
+
+
+def read_metrics(out_dir: str) -> list[dict]:
+    """The rows of OUT/metrics.jsonl."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def run_sft(out_dir: str, args=(), timeout: float = 900) -> tuple[list[dict], str]:
     """Run `python -m jobs.cli sft tiny-sft.yaml output_dir=OUT *args`; assert it succeeds.
     Returns (the rows of OUT/metrics.jsonl, its stdout + stderr)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, RAY_TRAIN_V2_ENABLED="1")
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "sft", TINY_SFT, f"output_dir={out_dir}", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(sft_command(out_dir, args), cwd=ROOT, env=sft_env(), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()], proc.stdout + proc.stderr
+    return read_metrics(out_dir), proc.stdout + proc.stderr

@@ -9,45 +9,28 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
+from sft_cli import ROOT, TINY_SFT, read_metrics, run_sft, sft_command, sft_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "jobs", "configs", "tiny-sft.yaml")
 STEPS = 40
 ARGS = [f"max_steps={STEPS}", "trainer.checkpoint_every=10", "trainer.eval_every=20"]
 
 pytestmark = pytest.mark.e2e
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["RAY_TRAIN_V2_ENABLED"] = "1"
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def _losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(out_dir)
     return [r["step"] for r in rows], [r["loss"] for r in rows]
-
-
-def _run_cli(out_dir, extra=(), timeout=600):
-    cmd = [sys.executable, "-m", "jobs.cli", "sft", CONFIG, f"output_dir={out_dir}", *ARGS, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft-baseline"))
-    proc = _run_cli(out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_sft(out, ARGS, timeout=600)
     return out
 
 
@@ -69,7 +52,7 @@ def test_acceptance_loss_drops_30pct_and_saves_models(baseline):
     from kernels.model import build_model
     from kernels.tokenizer import load_tokenizer
 
-    cfg = load(SFTJobConfig, CONFIG, [f"output_dir={baseline}", *ARGS])
+    cfg = load(SFTJobConfig, TINY_SFT, [f"output_dir={baseline}", *ARGS])
     tok = load_tokenizer(os.path.join(baseline, "tokenizer"))
     base = build_model(cfg.model, vocab_size=model_vocab_size(cfg, len(tok)), seed=cfg.seed)
     with_adapter = PeftModel.from_pretrained(base, os.path.join(baseline, "adapter")).eval()
@@ -83,8 +66,7 @@ def test_acceptance_loss_drops_30pct_and_saves_models(baseline):
 
 def test_resume_after_kill_continues_with_the_same_losses(baseline, tmp_path):
     out = str(tmp_path / "killed")
-    cmd = [sys.executable, "-m", "jobs.cli", "sft", CONFIG, f"output_dir={out}", *ARGS]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(sft_command(out, ARGS), cwd=ROOT, env=sft_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     from cluster.checkpoint import latest_checkpoint, read_state
 
@@ -100,9 +82,8 @@ def test_resume_after_kill_continues_with_the_same_losses(baseline, tmp_path):
     proc.wait(timeout=60)
     assert killed_at is not None, "the run finished or stalled before a checkpoint could be interrupted"
 
-    again = _run_cli(out)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resumed from step" in again.stdout + again.stderr
+    _, log = run_sft(out, ARGS, timeout=600)
+    assert "resumed from step" in log
     steps, losses = _losses(out)
     base_steps, base_losses = _losses(baseline)
     assert steps == base_steps  # no lost or repeated step
@@ -115,7 +96,9 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(baseline, tmp_path):
     result = {}
 
     def run():
-        result["proc"] = _run_cli(out, extra=["trainer.max_failures=1"])
+        # the raw process: the exit code is checked on the test's thread
+        result["proc"] = subprocess.run(sft_command(out, [*ARGS, "trainer.max_failures=1"]), cwd=ROOT, env=sft_env(),
+                                        capture_output=True, text=True, timeout=600)
 
     t = threading.Thread(target=run)
     t.start()
