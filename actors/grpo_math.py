@@ -27,6 +27,7 @@ import torch
 Tensor = torch.Tensor
 
 ADV_ESTIMATORS: dict[str, Callable] = {}
+ADV_MIN_GROUP: dict[str, int] = {}  # samples per prompt an estimator needs (group baselines: 2)
 POLICY_LOSSES: dict[str, Callable] = {}
 KL_ESTIMATORS: dict[str, Callable] = {}
 LOSS_AGGS: dict[str, Callable] = {}
@@ -41,8 +42,20 @@ def _register(table: dict[str, Callable], kind: str, name: str):
     return deco
 
 
-def register_adv_est(name: str):
+def register_adv_est(name: str, min_group_size: int = 2):
+    """Register `fn(rewards [S], group_ids [S]) -> advantages [S]`. min_group_size: the samples per
+    prompt (rollout.n) it needs: 2 for a baseline computed within the group (with one sample every
+    advantage would be 0), 1 for an estimator whose baseline does not come from the group."""
+    if min_group_size < 1:
+        raise ValueError(f"advantage estimator {name!r}: min_group_size must be >= 1, got {min_group_size}")
+    ADV_MIN_GROUP[name] = min_group_size
     return _register(ADV_ESTIMATORS, "advantage estimator", name)
+
+
+def min_group_size(adv_estimator: str) -> int:
+    """Samples per prompt the registered estimator needs (see register_adv_est)."""
+    get_adv_est(adv_estimator)  # an unknown name fails here, naming the registered ones
+    return ADV_MIN_GROUP.get(adv_estimator, 2)
 
 
 def register_policy_loss(name: str):

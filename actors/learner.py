@@ -5,10 +5,15 @@
     state = learner.state_for_sync("merged")   # or "adapter"
     learner.save(dir); learner.load(dir)
 
-Logprobs never build the [B, T, V] logits tensor: the decoder's hidden states of completion
-positions only are gathered to [N, H], then the head runs on `logprob_chunk_size` rows at a time,
-each chunk under activation checkpointing (its [chunk, V] logits are recomputed in backward instead
-of being kept), giving log_softmax(logits / temperature)[target] and the entropy.
+The model is the SFT worker's (kernels.factory.build_training_model: Triton kernels, fused LoRA,
+NF4 for qlora, gradient checkpointing), trained on the same padding-free packed rows: each
+micro-batch's sequences (prompt + completion) are laid end to end in rows of `pack_tokens` tokens
+with positions restarting per sequence (actors/learner_batch.py). Logprobs never build the
+[tokens, V] logits: the decoder's hidden states of completion positions only are gathered to
+[N, H] and the head runs through the fused "linear -> log-softmax -> gather" op
+(kernels/ops/linear_logprobs.py), or the chunked reference where the head is trained
+(kernels/logprobs.py). With one optimizer step per batch the old policy is the current one, so no
+separate old-logprob pass is made.
 
 Reference logprobs: LoRA -> the same model inside PEFT's `disable_adapter()` (no second copy);
 full fine-tuning -> a frozen copy made at start. Only computed when kl_coef > 0 or log_kl is on.
@@ -28,10 +33,15 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from actors import grpo_math as gm
+from actors.learner_batch import (batch_size, collate, make_batch, micro_batches, pack_micro_batch, select,
+                                  shard)
+from kernels.logprobs import chunked_logprobs, packed_logprobs, sequence_logprobs
 from kernels.model import ModelConfig
+
+__all__ = ["GRPOConfig", "Learner", "batch_size", "chunked_logprobs", "collate", "logprob_mismatch",
+           "make_batch", "packed_logprobs", "select", "sequence_logprobs", "shard"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +57,13 @@ class GRPOConfig:
     log_kl: compute the reference logprobs to report KL even when kl_coef is 0.
     lr, weight_decay, betas, warmup_steps, max_grad_norm: AdamW, linear warmup then constant.
     ppo_epochs / num_minibatches: optimizer steps per batch = ppo_epochs * num_minibatches.
-    micro_batch_size: sequences per forward/backward (gradient accumulation within a minibatch).
-    logprob_chunk_size: rows of hidden states per lm_head chunk.
+    micro_batch_size / micro_batch_tokens: a forward/backward takes at most this many sequences and,
+      when micro_batch_tokens > 0, at most this many prompt + completion tokens (gradient
+      accumulation within a minibatch; the loss does not depend on the split).
+    pack_tokens: tokens per packed row (sequences laid end to end, positions restarting); a longer
+      sequence gets a row of its own; 0 = the micro-batch's longest sequence (rows no longer than
+      needed: attention in a packed row costs (row length)^2).
+    logprob_chunk_size: rows of hidden states per lm_head chunk (the reference head path).
     old_logprobs: learner (recompute with the pre-update policy) | rollout (the engine's logprobs:
       true behaviour policy, includes train/inference mismatch).
     max_len_norm: the constant of seq-mean-token-sum-norm (0 = rollout.max_tokens).
@@ -74,7 +89,9 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     ppo_epochs: int = 1
     num_minibatches: int = 1
-    micro_batch_size: int = 16
+    micro_batch_size: int = 64
+    micro_batch_tokens: int = 16384
+    pack_tokens: int = 0
     logprob_chunk_size: int = 1024
     old_logprobs: Literal["learner", "rollout"] = "learner"
     max_len_norm: int = 0
@@ -104,6 +121,9 @@ class GRPOConfig:
             raise ValueError(f"grpo.lr: must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ValueError(f"grpo.betas: expected two numbers, got {self.betas}")
+        for key in ("micro_batch_tokens", "pack_tokens"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"grpo.{key}: must be >= 0 (0 = see the docs), got {getattr(self, key)}")
         if self.max_grad_norm < 0 or self.warmup_steps < 0 or self.max_len_norm < 0 or self.max_refill_rounds < 0:
             raise ValueError("grpo.max_grad_norm, warmup_steps, max_len_norm, max_refill_rounds: must be >= 0")
         if self.num_minibatches > self.prompts_per_step:
@@ -116,122 +136,6 @@ class GRPOConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches: python lists in (cheap through the object store), padded tensors out.
-# ----------------------------------------------------------------------------------------------
-
-def make_batch(samples: list, advantages: list[float]) -> dict:
-    """Samples (actors.rollout.Sample) + one advantage each -> the learner's batch dict."""
-    if len(samples) != len(advantages):
-        raise ValueError(f"make_batch: {len(samples)} samples but {len(advantages)} advantages")
-    return {
-        "prompt_ids": [list(s.prompt_token_ids) for s in samples],
-        "completion_ids": [list(s.completion_token_ids) for s in samples],
-        "rollout_logprobs": [list(s.logprobs) for s in samples],
-        "advantages": [float(a) for a in advantages],
-    }
-
-
-def batch_size(batch: dict) -> int:
-    return len(batch["advantages"])
-
-
-def select(batch: dict, idx: list[int]) -> dict:
-    return {k: [v[i] for i in idx] for k, v in batch.items()}
-
-
-def shard(batch: dict, rank: int, world_size: int) -> dict:
-    """Rank `rank`'s share: every world_size-th sample (balances long and short completions)."""
-    return select(batch, list(range(rank, batch_size(batch), world_size)))
-
-
-def collate(batch: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded tensors. input_ids [B, L] = prompt + completion; targets of position t is
-    input_ids[t + 1]. mask/old/rollout logprobs are [B, C] over completion positions (C = longest
-    completion), aligned with `completion_index` [B, C] = the position in input_ids that *predicts*
-    completion token c (prompt_len - 1 + c)."""
-    P = [len(p) for p in batch["prompt_ids"]]
-    C = [len(c) for c in batch["completion_ids"]]
-    B, L, Cmax = len(P), max(p + c for p, c in zip(P, C)), max(max(C), 1)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, Cmax)
-    index = torch.zeros(B, Cmax, dtype=torch.long)
-    targets = torch.full((B, Cmax), pad_id, dtype=torch.long)
-    rollout_lp = torch.zeros(B, Cmax)
-    for b, (p, c) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"])):
-        input_ids[b, :len(p)] = torch.tensor(p)
-        if c:
-            input_ids[b, len(p):len(p) + len(c)] = torch.tensor(c)
-            mask[b, :len(c)] = 1.0
-            index[b, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
-            targets[b, :len(c)] = torch.tensor(c)
-            rollout_lp[b, :len(c)] = torch.tensor(batch["rollout_logprobs"][b][:len(c)])
-    return {"input_ids": input_ids, "mask": mask, "index": index, "targets": targets,
-            "rollout_logprobs": rollout_lp, "advantages": torch.tensor(batch["advantages"], dtype=torch.float32)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunked logprobs.
-# ----------------------------------------------------------------------------------------------
-
-def _head_chunk(head, h: torch.Tensor, t: torch.Tensor, temperature: float, softcap: float | None):
-    logits = head(h).float()                         # [c, H] -> [c, V], fp32 for the softmax
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    logits = logits / temperature
-    lse = torch.logsumexp(logits, -1)                 # [c]
-    logp = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.no_grad():  # entropy is a metric: no graph kept for it
-        p = torch.softmax(logits, -1)
-        ent = lse - (p * logits).sum(-1)
-    return logp, ent
-
-
-def chunked_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float = 1.0,
-                     chunk_size: int = 1024, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [N, H], targets [N] -> (logprob of each target [N] fp32, entropy [N] fp32, detached).
-
-    With grad enabled each chunk runs under activation checkpointing, so at most one chunk's
-    [chunk, V] logits exist at any time, in forward and in backward.
-    """
-    out_lp, out_ent = [], []
-    for s in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(_head_chunk, head, h, t, temperature, softcap, use_reentrant=False)
-        else:
-            lp, ent = _head_chunk(head, h, t, temperature, softcap)
-        out_lp.append(lp)
-        out_ent.append(ent)
-    if not out_lp:
-        z = hidden.new_zeros(0, dtype=torch.float32)
-        return z, z
-    return torch.cat(out_lp), torch.cat(out_ent)
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
-                      mask: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logprobs and entropies [B, C] of completion tokens (0 where mask is 0).
-
-    input_ids [B, L] right padded; index/targets/mask [B, C] from `collate`.
-    """
-    from kernels.model import base_model
-
-    m = base_model(model)
-    hidden = m.model(input_ids=input_ids, use_cache=False).last_hidden_state   # [B, L, H]
-    sel = mask.bool()
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1).expand_as(index)
-    h = hidden[rows[sel], index[sel]]                                           # [N, H] completion only
-    lp, ent = chunked_logprobs(h, m.lm_head, targets[sel], temperature, chunk_size,
-                               getattr(m.config, "final_logit_softcapping", None))
-    out_lp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    out_ent = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    out_lp = out_lp.masked_scatter(sel, lp)                                      # [N] -> [B, C]
-    out_ent = out_ent.masked_scatter(sel, ent)
-    return out_lp, out_ent
-
-
-# ----------------------------------------------------------------------------------------------
 # The learner actor.
 # ----------------------------------------------------------------------------------------------
 
@@ -240,10 +144,12 @@ class Learner:
 
     def __init__(self, model_cfg: ModelConfig, cfg: GRPOConfig, *, vocab_size: int | None = None,
                  logprob_temperature: float = 1.0, max_len_norm: int = 64, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, pad_id: int = 0, num_threads: int = 0):
-        import copy
-
-        from kernels.model import add_lora, build_model, enable_gradient_checkpointing
+                 rank: int = 0, world_size: int = 1, pad_id: int = 0, num_threads: int = 0, kernels=None):
+        """kernels: a kernels.patch.KernelsConfig (default: the Triton kernels on, as in SFT)."""
+        from kernels.factory import build_training_model
+        from kernels.model import torch_dtype
+        from kernels.patch import KernelsConfig
+        from kernels.qlora import make_optimizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -257,19 +163,19 @@ class Learner:
                        else torch.device("cpu"))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        base = build_model(model_cfg, vocab_size=vocab_size, device=self.device, seed=seed)
-        if model_cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(base)
+        kernels = KernelsConfig() if kernels is None else kernels
+        self.model, self.notes = build_training_model(model_cfg, kernels=kernels, vocab_size=vocab_size,
+                                                      device=self.device, seed=seed)
         self.is_lora = model_cfg.finetune in ("lora", "qlora")
         # full fine-tuning: a frozen copy is the reference (LoRA: the adapter is switched off instead)
         self.ref_model = None
         if not self.is_lora and cfg.needs_ref:
-            self.ref_model = copy.deepcopy(base).eval().requires_grad_(False)
-        self.model = add_lora(base, model_cfg)
-        self.model.train()
+            self.ref_model, _ = build_training_model(model_cfg, kernels=kernels, vocab_size=vocab_size,
+                                                     device=self.device, seed=seed, trainable=False)
+        # fp32 weights on a GPU (full fine-tuning) compute in bf16 under autocast, as in SFT
+        fp32_on_gpu = self.device.type == "cuda" and torch_dtype(model_cfg, self.device) == torch.float32
+        self.autocast = torch.bfloat16 if fp32_on_gpu else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        from kernels.qlora import make_optimizer
-
         self.opt = make_optimizer(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         self.step = 0
         self.group = None  # broadcast WeightGroup (rank 0 only)
@@ -336,11 +242,13 @@ class Learner:
             raise RuntimeError("no reference model (full fine-tuning with kl_coef 0 and log_kl off)")
 
     def _micro_batches(self, batch: dict):
-        n = batch_size(batch)
-        for s in range(0, n, self.cfg.micro_batch_size):
-            idx = list(range(s, min(n, s + self.cfg.micro_batch_size)))
-            t = collate(select(batch, idx), self.pad_id)
-            yield idx, {k: v.to(self.device) for k, v in t.items()}
+        """(indices, packed tensors on the device) per micro-batch."""
+        for idx in micro_batches(batch, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens):
+            t = pack_micro_batch(select(batch, idx), self.pad_id, self.cfg.pack_tokens)
+            yield idx, {k: v.to(self.device, non_blocking=True) for k, v in t.items()}
+
+    def _amp(self):
+        return torch.autocast("cuda", dtype=self.autocast) if self.autocast else contextlib.nullcontext()
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict, which: Literal["policy", "reference"] = "policy") -> list[list[float]]:
@@ -350,12 +258,12 @@ class Learner:
         self.model.eval()
         try:
             ctx = self._reference() if which == "reference" else contextlib.nullcontext(self.model)
-            with ctx as model:
+            with ctx as model, self._amp():
                 for idx, t in self._micro_batches(batch):
-                    lp, _ = sequence_logprobs(model, t["input_ids"], t["index"], t["targets"], t["mask"],
-                                              self.temperature, self.cfg.logprob_chunk_size)
+                    lp, _ = packed_logprobs(model, t, self.temperature, self.cfg.logprob_chunk_size, entropy=False)
+                    lp, lens = lp.cpu(), t["mask"].sum(-1).long().tolist()
                     for r, i in enumerate(idx):
-                        out[i] = lp[r, :int(t["mask"][r].sum())].tolist()
+                        out[i] = lp[r, :lens[r]].tolist()
         finally:
             self.model.train(was)
         return out  # type: ignore[return-value]
@@ -403,7 +311,11 @@ class Learner:
             self._all_reduce(t)
             metrics = {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
             metrics["loss"] = metrics.get("loss", 0.0) * self.world_size  # shares of one global loss add up
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         metrics.update({"learner_prep_s": t_prep, "learner_update_s": time.perf_counter() - t0,
+                        "learner_tokens": float(sum(len(p) + len(c) for p, c in
+                                                    zip(batch["prompt_ids"], batch["completion_ids"]))),
                         "optimizer_steps": self.step, "lr": self._lr()})
         return metrics
 
@@ -423,8 +335,8 @@ class Learner:
         acc: dict[str, float] = {}
         for idx, t in self._micro_batches(part) if n_local else []:
             sub = select(part, idx)
-            lp, ent = sequence_logprobs(self.model, t["input_ids"], t["index"], t["targets"], t["mask"],
-                                        self.temperature, cfg.logprob_chunk_size)
+            with self._amp():
+                lp, ent = packed_logprobs(self.model, t, self.temperature, cfg.logprob_chunk_size)
             mask = t["mask"]
             old = self._padded(sub, "old_logprobs", mask) if "old_logprobs" in sub else lp.detach()
             ref = self._padded(sub, "ref_logprobs", mask) if "ref_logprobs" in sub else None
@@ -460,9 +372,6 @@ class Learner:
         return out.to(mask.device)
 
     # -- weights out ---------------------------------------------------------------------
-
-    def trainable_names(self) -> list[str]:
-        return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     @torch.no_grad()
     def merged_state(self, dtype: torch.dtype | None = None, only_changed: bool = True) -> dict[str, torch.Tensor]:
@@ -583,11 +492,6 @@ class Learner:
         if self.rank == 0 and self.is_lora:
             save_adapter(self.model, path)
         return path
-
-    def num_parameters(self) -> dict:
-        from kernels.model import count_parameters
-
-        return count_parameters(self.model)
 
 
 def logprob_mismatch(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:

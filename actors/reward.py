@@ -51,20 +51,6 @@ class RewardResult:
     errors: list[str] = field(default_factory=list)  # the first few messages, "term: what happened"
     elapsed_s: float = 0.0
 
-    def metrics(self, prefix: str = "reward") -> dict[str, float]:
-        """Flat scalars for metrics.jsonl: mean per term and of the total, failure/timeout counts."""
-        out = {f"{prefix}/mean": _mean(self.total)}
-        for k, v in self.per_function.items():
-            out[f"{prefix}/{k}/mean"] = _mean(v)
-            out[f"{prefix}/{k}/failures"] = float(self.failures.get(k, 0))
-            out[f"{prefix}/{k}/timeouts"] = float(self.timeouts.get(k, 0))
-        out[f"{prefix}/time_s"] = self.elapsed_s
-        return out
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
-
 
 @ray.remote
 class RewardWorker:

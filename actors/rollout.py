@@ -8,7 +8,9 @@
 
 Backends: `hf` (transformers `generate`, CPU and tests; this file) and `vllm` (GPU;
 actors/rollout_vllm.py, imported lazily). Prompts are plain strings or chat message lists (rendered
-with the tokenizer's chat template and a generation prompt, like SFT and evaluation).
+with the tokenizer's chat template and a generation prompt, like SFT and evaluation). Both
+engines implement kernels.engine.Engine and stop on kernels.generation.stop_token_ids (eos, the
+generation config's eos ids, the chat template's end-of-turn token).
 
 Logprob convention (both backends, and what the learner recomputes): the log-probability of the
 sampled token under softmax(logits / temperature) over the full vocabulary (temperature 0 -> 1),
@@ -22,9 +24,9 @@ from typing import Literal
 
 import torch
 
+from kernels.engine import Engine
+from kernels.generation import HFGenerator, Prompt, encode_prompts
 from kernels.model import LoraConfig, ModelConfig
-
-Prompt = str | list[dict]
 
 
 @dataclass(frozen=True)
@@ -101,124 +103,30 @@ class Sample:
     completion_token_ids: list[int]
     logprobs: list[float]
     text: str
-    finish_reason: str  # "stop" (eos or a stop string) | "length"
+    finish_reason: str  # "stop" (a stop token id or a stop string) | "length" (max_tokens reached)
     weights_version: int = 0
 
 
-def render(tokenizer, prompt: Prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-
-
-def encode_prompts(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
-    """Token ids of each prompt; chat prompts carry their own special tokens."""
-    return [tokenizer(render(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"] for p in prompts]
-
-
-def eos_ids(tokenizer, model=None) -> list[int]:
-    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in ([extra] if isinstance(extra, int) else (extra or [])):
-        if int(i) not in ids:
-            ids.append(int(i))
-    return ids
-
-
-def decode(tokenizer, ids: list[int]) -> str:
-    """Text of completion ids (ids outside the tokenizer, possible with padded vocabularies, dropped)."""
-    vocab = len(tokenizer)
-    return tokenizer.decode([i for i in ids if i < vocab], skip_special_tokens=True)
-
-
-def trim_completion(tokenizer, ids: list[int], logprobs: list[float], eos: set[int],
-                    stop: list[str]) -> tuple[list[int], list[float], str, str]:
-    """Cut at the first eos (kept: the model learns to stop) or the first stop string.
-
-    Returns (ids, logprobs, text, finish_reason); the text excludes the eos and the stop string.
-    """
-    finish = "length"
-    for j, t in enumerate(ids):
-        if t in eos:
-            ids, logprobs, finish = ids[:j + 1], logprobs[:j + 1], "stop"
-            break
-    text = decode(tokenizer, [t for t in ids if t not in eos])
-    if stop:
-        hits = [(text.find(s), s) for s in stop if s in text]
-        if hits:
-            text = text[:min(hits)[0]]
-            finish = "stop"
-            for j in range(1, len(ids) + 1):  # shortest prefix whose text reaches the stop string
-                if any(s in decode(tokenizer, ids[:j]) for s in stop):
-                    ids, logprobs = ids[:j], logprobs[:j]
-                    break
-    return ids, logprobs, text, finish
-
-
-class HFEngine:
-    """transformers generate with per-token logprobs, on CPU (or one GPU)."""
+class HFEngine(HFGenerator):
+    """transformers generate with per-token logprobs (kernels.generation), on CPU (or one GPU);
+    the model comes from the model factory, weights arrive merged or as a LoRA adapter."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, tokenizer, vocab_size: int | None,
                  seed: int, lora: LoraConfig | None):
         from kernels.model import build_model
 
-        self.cfg, self.tok = cfg, tokenizer
+        self.cfg = cfg
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.model = build_model(model_cfg, vocab_size=vocab_size, device=self.device, seed=seed)
-        self.model.eval()
-        self.model.config.use_cache = True
+        model = build_model(model_cfg, vocab_size=vocab_size, device=self.device, seed=seed)
+        model.eval()
+        model.config.use_cache = True
+        super().__init__(model, tokenizer, batch_size=cfg.batch_size, logprobs=True)
         self.lora = lora
         self.peft = None  # PEFT wrapper, created on the first adapter sync
 
     @property
     def active(self):
         return self.peft if self.peft is not None else self.model
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_tokens: int, stop: list[str], seed: int, ignore_eos: bool
-                 ) -> list[list[tuple[list[int], list[float], str, str]]]:
-        from transformers import GenerationConfig
-
-        eos = eos_ids(self.tok, self.model)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos[0]
-        sample = temperature > 0
-        lp_temp = temperature if sample else 1.0
-        n_run = n if sample else 1  # greedy: one run, copied n times
-        gen = GenerationConfig(
-            max_new_tokens=max_tokens, min_new_tokens=max_tokens if ignore_eos else None,
-            do_sample=sample, num_return_sequences=n_run, temperature=temperature if sample else None,
-            top_p=top_p if sample else None, top_k=0 if sample else None,
-            eos_token_id=None if ignore_eos else (eos or None), pad_token_id=pad, use_cache=True,
-            output_logits=True, return_dict_in_generate=True, stop_strings=stop or None)
-        model = self.active
-        out: list = [None] * len(prompt_ids)
-        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # less padding
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if self.device == "cuda":
-                torch.cuda.manual_seed(seed)
-            for s in range(0, len(order), self.cfg.batch_size):
-                idx = order[s:s + self.cfg.batch_size]
-                width = max(len(prompt_ids[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                att = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):  # left padding: generation appends on the right
-                    p = prompt_ids[i]
-                    ids[r, width - len(p):] = torch.tensor(p)
-                    att[r, width - len(p):] = 1
-                res = model.generate(input_ids=ids.to(self.device), attention_mask=att.to(self.device),
-                                     generation_config=gen, tokenizer=self.tok if stop else None)
-                new = res.sequences[:, width:]                                       # [B*n_run, L]
-                logits = torch.stack(res.logits, dim=1).float() / lp_temp            # [B*n_run, L, V]
-                lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B*n_run, L]
-                new, lp = new.tolist(), lp.tolist()
-                stop_ids = set() if ignore_eos else set(eos)
-                for r, i in enumerate(idx):
-                    rows = [trim_completion(self.tok, new[k], lp[k], stop_ids, stop)
-                            for k in range(r * n_run, (r + 1) * n_run)]
-                    out[i] = rows if sample else [(list(a), list(b), c, d) for a, b, c, d in rows * n]
-        return out
 
     def load_state(self, named) -> int:
         """Copy merged tensors into the model by name; returns how many were loaded."""
@@ -258,6 +166,7 @@ class RolloutWorker:
         self.cfg, self.index = cfg, worker_index
         self.tok = load_tokenizer(tokenizer_dir)
         self.version = 0
+        self.engine: Engine
         if cfg.backend == "vllm":
             from actors.rollout_vllm import VLLMEngine
 
@@ -281,7 +190,7 @@ class RolloutWorker:
         prompt_ids = encode_prompts(self.tok, prompts)
         rows = self.engine.generate(prompt_ids, n, temperature, top_p, max_tokens, stop,
                                     seed + 1_000_003 * self.index, c.ignore_eos)
-        return [[Sample(p, ids, lps, text, finish, self.version) for ids, lps, text, finish in row]
+        return [[Sample(p, x.token_ids, x.logprobs, x.text, x.finish_reason, self.version) for x in row]
                 for p, row in zip(prompt_ids, rows)]
 
     # -- weight sync ---------------------------------------------------------------------
@@ -332,19 +241,14 @@ class RolloutWorker:
     # -- memory (vLLM colocated) ---------------------------------------------------------
 
     def sleep(self) -> None:
-        if hasattr(self.engine, "sleep"):
-            self.engine.sleep()
+        self.engine.sleep()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        if hasattr(self.engine, "wake_up"):
-            self.engine.wake_up(tags)
+        self.engine.wake_up(tags)
 
     def weights_version(self) -> int:
         return self.version
 
     def weight_checksum(self, names: list[str]) -> dict[str, float]:
         """Sum of each named parameter (tests: did a sync reach the engine?)."""
-        if hasattr(self.engine, "weight_checksum"):
-            return self.engine.weight_checksum(names)
-        params = dict(self.engine.model.named_parameters())
-        return {n: float(params[n].detach().float().sum()) for n in names if n in params}
+        return self.engine.weight_checksum(names)

@@ -16,6 +16,10 @@ the new weights loaded, then the KV cache is re-allocated.
 
 Logprobs: `logprobs_mode="processed_logprobs"` (after temperature), `SamplingParams(logprobs=0)`
 returns the sampled token's logprob at each position.
+
+Stops: `SamplingParams(stop_token_ids=...)` gets kernels.generation.stop_token_ids (the tokenizer's
+eos, the model folder's generation_config eos ids, the chat template's end-of-turn token), and
+the completion is trimmed by the same kernels.generation.trim_completion as the HF engine's.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import tempfile
 
 import torch
 
-from actors.rollout import RolloutConfig, trim_completion
+from actors.rollout import RolloutConfig
+from kernels.engine import Completion, Engine
+from kernels.generation import encode_prompts, load_generation_config, stop_token_ids, trim_completion
 from kernels.model import LoraConfig, ModelConfig
 
 # Settings under which the engine starts inside a Ray actor (devkit/README.md); setdefault only.
@@ -82,7 +88,7 @@ class WeightSyncExtension:
         return {n: float(params[n].float().sum()) for n in names if n in params}
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, tokenizer_dir: str, tokenizer,
                  seed: int = 0, lora: LoraConfig | None = None):
         for k, v in VLLM_ENV.items():
@@ -93,6 +99,8 @@ class VLLMEngine:
             raise ValueError("rollout.backend vllm: model.path must be a model folder (vLLM loads weights "
                              "from disk); save a preset first (see tests/actors/test_rollout.py)")
         self.cfg, self.tok, self.lora = cfg, tokenizer, lora
+        # every id that ends a completion (eos, generation config, chat template end-of-turn)
+        self.stop_ids = stop_token_ids(tokenizer, load_generation_config(model_cfg.path))
         self.colocated = cfg.placement == "colocated" and cfg.sleep_level > 0
         dtype = "bfloat16" if model_cfg.dtype == "auto" else model_cfg.dtype
         kw = dict(model=model_cfg.path, tokenizer=tokenizer_dir, dtype=dtype, seed=seed,
@@ -110,25 +118,30 @@ class VLLMEngine:
         self.adapter_version = 0
         self.asleep = False
 
-    def generate(self, prompt_ids, n, temperature, top_p, max_tokens, stop, seed, ignore_eos):
+    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=64, stop=None, seed=0,
+                 ignore_eos=False) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        from actors.rollout import eos_ids
-
+        stop = [s for s in (stop or []) if s]
         self.wake_up(None)
+        # ignore_eos: vLLM still ends on stop_token_ids, so none are passed then
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                 max_tokens=max_tokens, stop=stop or None, seed=seed, logprobs=0,
-                                ignore_eos=ignore_eos, detokenize=bool(stop))
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params,
+                                ignore_eos=ignore_eos, detokenize=bool(stop),
+                                stop_token_ids=None if ignore_eos else list(self.stop_ids))
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in encode_prompts(self.tok, prompts)], params,
                                  lora_request=self.lora_request, use_tqdm=False)
-        eos = set() if ignore_eos else set(eos_ids(self.tok))
+        eos = set() if ignore_eos else set(self.stop_ids)
         rows = []
         for o in outs:
             row = []
             for c in sorted(o.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)]
-                row.append(trim_completion(self.tok, ids, lps, eos, stop))
+                ids, lps, text, finish = trim_completion(self.tok, ids, lps, eos, stop)
+                if c.finish_reason == "stop":  # vLLM ended it on a stop id it did not return
+                    finish = "stop"
+                row.append(Completion(text, ids, finish, lps))
             rows.append(row)
         return rows
 

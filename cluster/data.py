@@ -1,7 +1,8 @@
 """The SFT / CPT data pipeline on Ray Data: files -> token rows ready for the trainer.
 
+    detect each file's format from its columns   cluster/formats.py (first rows, via cluster/readers.py)
     read (Ray Data; records keep file + row)      cluster/readers.py
-      -> detect the format from the columns       cluster/formats.py
+      -> convert each row with its file's format   cluster/formats.py
       -> messages -> chat template -> tokens + loss mask, in an actor pool
          (one tokenizer per actor)               cluster/templates.py
       -> materialize: count rows, bad rows, tokens
@@ -15,7 +16,11 @@ with -100 where no loss is taken (the shift happens in kernels/loss.py).
 SFT trains on assistant turns (or every token with train_on="all"); CPT (task="cpt", or text data)
 tokenizes raw text, appends EOS, cuts long documents into max_seq_len chunks and trains on every token.
 
-Bad rows (invalid JSON, missing field, wrong type, unknown role, empty assistant turn, ...) are
+Files of different formats may be mixed in one path (e.g. alpaca parquet + messages jsonl): each
+file's format is detected on its own before any reading in Ray starts, and a file whose format cannot
+be detected is an error naming it and the columns seen (data.format other than auto applies to all).
+
+Bad rows (not UTF-8, invalid JSON, missing field, wrong type, unknown role, empty assistant turn, ...) are
 skipped and counted, the first few named "file:row: field: what" in the log and in stats; with
 on_bad_row="fail" the first one raises. Example:
 
@@ -182,7 +187,7 @@ class TokenizeRows:
             except json.JSONDecodeError as e:
                 bad(src, row, part, f"json: invalid JSON ({e.msg} at column {e.colno})")
                 continue
-            fmt = s["formats"][part]
+            fmt = s["formats"][part][src]
             try:
                 if fmt == "text":
                     texts.append((src, row, part, to_text(record)))
@@ -261,25 +266,33 @@ def builtin_paths(n_train: int, n_eval: int) -> dict[str, str]:
     return paths
 
 
-def _detect(ds, cfg: DataConfig, path: str) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    columns: set[str] = set()
-    for r in ds.take(64):
-        try:
-            rec = json.loads(r["_json"])
-        except json.JSONDecodeError:
+def detect_formats(sources: list[readers.Source], cfg: DataConfig, field: str = "data.path",
+                   part: int = 0) -> dict[str, str]:
+    """{source path: format}: data.format, or each file's own, detected from the columns of its first
+    rows (read in the driver: no Ray). An empty file has no rows to convert and gets no format."""
+    out: dict[str, str] = {}
+    for src in sources:
+        if cfg.format != "auto":
+            out[src.path] = cfg.format
             continue
-        if isinstance(rec, dict):
-            columns |= set(rec)
-    fmt = detect_format(columns)
-    if fmt is None:
-        found = ", ".join(sorted(columns)) if columns else "none (no row is a JSON object)"
-        raise ValueError(
-            f"data.format: cannot detect the format of {path!r} from its columns ({found}); expected messages, "
-            f"conversations, instruction+output, question+answer, prompt+completion or text — or set data.format "
-            f"to one of {', '.join(FORMATS)}")
-    return fmt
+        columns, seen, problem = readers.columns_of(src, part)
+        if not seen:
+            continue
+        fmt = detect_format(columns)
+        if fmt is None:
+            found = ", ".join(sorted(columns)) if columns else (
+                "none: no row is a JSON object" + (f"; first problem: {problem}" if problem else ""))
+            raise ValueError(
+                f"data.format: cannot detect the format of {src.path!r} (in {field}) from its columns ({found}); "
+                f"expected messages, conversations, instruction+output, question+answer, prompt+completion or "
+                f"text — or set data.format to one of {', '.join(FORMATS)}")
+        out[src.path] = fmt
+    return out
+
+
+def _format_name(formats: dict[str, str]) -> str:
+    """One name for the formats of a split: "alpaca", or "alpaca+messages" when files differ."""
+    return "+".join(dict.fromkeys(formats.values())) or "none"
 
 
 def _bookkeeping(ds) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -369,6 +382,8 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
         train_path, eval_path = cfg.path, cfg.eval_path
     train_sources = readers.resolve_sources(train_path, "data.path")
     eval_sources = readers.resolve_sources(eval_path, "data.eval_path") if eval_path else []
+    formats = {0: detect_formats(train_sources, cfg, "data.path", 0),  # fails here, before any Ray work
+               1: detect_formats(eval_sources, cfg, "data.eval_path", 1)}
     tok = load_tokenizer(tokenizer_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     logger.info("reading %d source(s) from %s%s", len(train_sources), train_path,
@@ -377,22 +392,18 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
     raw_train = readers.read_sources(train_sources, part=0, max_rows=cfg.max_rows)
     if raw_train.count() == 0:
         raise ValueError(f"data.path: no rows in {train_path!r} (empty file?)")
-    formats = {0: _detect(raw_train, cfg, train_path)}
     raws = [raw_train]
     if eval_sources:
         raw_eval = readers.read_sources(eval_sources, part=1)
         if raw_eval.count() == 0:
             raise ValueError(f"data.eval_path: no rows in {eval_path!r} (empty file?)")
-        formats[1] = _detect(raw_eval, cfg, eval_path)
         raws.append(raw_eval)
-    else:
-        formats[1] = formats[0]
 
-    cpt = task == "cpt" or formats[0] == "text"
-    chat = any(f != "text" for f in formats.values())
+    cpt = task == "cpt" or all(f == "text" for f in formats[0].values())
+    chat = any(f != "text" for part in formats.values() for f in part.values())
     template_name, template = resolve_template(cfg.chat_template, tok, where=tokenizer_dir) if chat else ("none", "")
     encoder = ChatEncoder(tok, template, "all" if cpt else cfg.train_on) if chat else None
-    logger.info("format %s, template %s, mask %s, task %s", formats[0], template_name,
+    logger.info("format %s, template %s, mask %s, task %s", _format_name(formats[0]), template_name,
                 encoder.mask_method if encoder else "all-tokens", "cpt" if cpt else "sft")
 
     spec = {"formats": formats, "template": template, "train_on": cfg.train_on, "system_prompt": cfg.system_prompt,
@@ -416,8 +427,7 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
     if n_bad:
         logger.warning("skipped %d bad row(s) of %d read", n_bad, tr["rows_read"] + counts["eval"]["rows_read"])
     if reasons and cfg.on_bad_row == "fail":
-        raise ValueError(f"data: bad row {reasons[0]} (data.on_bad_row='fail'; set 'skip' to drop and count "
-                         f"bad rows)")
+        raise readers.bad_row_error(reasons[0], "data.on_bad_row")
     if tr["sequences"] == 0:
         why = f"; first problems: {'; '.join(reasons)}" if reasons else ""
         raise ValueError(f"data.path: no usable rows in {train_path!r}: {tr['rows_bad']} bad and "
@@ -440,9 +450,10 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
         "rows_read": tr["rows_read"], "rows_ok": tr["rows_read"] - tr["rows_bad"] - tr["rows_dropped"],
         "rows_bad": tr["rows_bad"], "bad_reasons": reasons, "sequences": tr["sequences"],
         "truncated": tr["truncated"], "tokens": tr["tokens"], "target_tokens": tr["target_tokens"],
-        "packed_rows": packed_rows or 0, "format": formats[0], "template": template_name,
+        "packed_rows": packed_rows or 0, "format": _format_name(formats[0]), "template": template_name,
         "seconds": round(seconds, 3), "tokens_per_s": round(all_tokens / max(seconds, 1e-9), 1),
         # beyond the required keys
+        "formats": dict(formats[0]), "eval_formats": dict(formats[1]),
         "rows_dropped": tr["rows_dropped"], "dropped": tr["dropped"], "chunked_documents": tr["chunked_documents"],
         "task": "cpt" if cpt else "sft", "mask": encoder.mask_method if encoder and not cpt else "all-tokens",
         "max_seq_len": cfg.max_seq_len, "packing": cfg.packing,

@@ -25,7 +25,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from rewards.math import answers_equal, extract_answer, extract_gold
 
@@ -48,7 +48,8 @@ class EvalConfig:
     max_new_tokens: completion length limit.
     max_problems: evaluate the first N rows (0 = all).
     system_prompt: an optional system message before the question.
-    stop: extra stop strings (the tokenizer's eos always stops).
+    stop: extra stop strings (kernels.generation.stop_token_ids always stop: the tokenizer's eos,
+      the generation config's eos ids, the chat template's end-of-turn token).
     batch_size: prompts per generate call (hf backend).
     ci: wilson | bootstrap (95% interval of the accuracy).
     bootstrap_samples: resamples for ci=bootstrap.
@@ -115,22 +116,10 @@ def load_rows(data: str, seed: int = 0) -> list[dict]:
         return held
     if not os.path.exists(data):
         raise FileNotFoundError(f"eval.data: {data!r} does not exist (expected 'builtin' or a data file)")
-    if data.endswith(".jsonl"):
-        with open(data) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if data.endswith(".json"):
-        with open(data) as f:
-            rows = json.load(f)
-        if isinstance(rows, dict):  # {"data": [...]} / {"rows": [...]}
-            rows = next((v for v in rows.values() if isinstance(v, list)), None)
-        if not isinstance(rows, list):
-            raise ValueError(f"eval.data: {data!r} holds no list of rows")
-        return rows
-    if data.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    from cluster.readers import read_rows
 
-        return pq.read_table(data).to_pylist()
-    raise ValueError(f"eval.data: {data!r}: unknown file type; expected .jsonl, .json or .parquet")
+    # the one set of file readers (cluster/readers.py): jsonl/json/parquet/txt, .gz, folders
+    return read_rows(data, field="eval.data", on_bad_row="fail", setting="eval.data")
 
 
 def detect_format(row: dict) -> str:
@@ -166,17 +155,21 @@ def messages_for(question: str, system_prompt: str = "") -> list[dict]:
 
 # ----------------------------------------------------------------------------- backends
 
+@runtime_checkable
 class Sampler(Protocol):
     def sample(self, prompts: list[list[dict]], n: int, temperature: float, max_new_tokens: int,
                seed: int) -> list[list[str]]: ...
 
 
 class HFBackend:
-    """transformers generate through kernels.generation (CPU or GPU)."""
+    """transformers generate through kernels.generation's engine (HFGenerator; CPU or GPU)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 32, top_p: float = 1.0, stop: list[str] | None = None):
+        from kernels.generation import HFGenerator
+
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.top_p, self.stop = batch_size, top_p, list(stop or [])
+        self.engine = HFGenerator(model, tokenizer, batch_size=batch_size, logprobs=False)
 
     @classmethod
     def from_path(cls, path: str, tokenizer=None, **kw) -> "HFBackend":
@@ -190,11 +183,9 @@ class HFBackend:
         return cls(model, tokenizer or tok, **kw)
 
     def sample(self, prompts, n, temperature, max_new_tokens, seed):
-        from kernels.generation import generate
-
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, n=n,
-                        temperature=temperature, top_p=self.top_p, stop=self.stop or None,
-                        batch_size=self.batch_size, seed=seed)
+        outs = self.engine.generate(prompts, n=n, temperature=temperature, top_p=self.top_p,
+                                    max_tokens=max_new_tokens, stop=self.stop, seed=seed)
+        return [[c.text for c in row] for row in outs]
 
 
 class VLLMBackend:
@@ -209,9 +200,13 @@ class VLLMBackend:
         if not isinstance(path, str) or not os.path.isdir(path):
             raise ValueError("eval.backend vllm needs a model folder (export with --format merged16), "
                              f"got {type(path).__name__}")
+        from kernels.generation import load_generation_config, stop_token_ids
+
         self.llm = LLM(model=path, **engine_kw)
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
         self.top_p, self.stop = top_p, list(stop or [])
+        # every id that ends a completion, as for the hf backend (eos, generation config, chat template)
+        self.stop_ids = stop_token_ids(self.tokenizer, load_generation_config(path))
 
     def sample(self, prompts, n, temperature, max_new_tokens, seed):
         from vllm import SamplingParams
@@ -220,13 +215,14 @@ class VLLMBackend:
 
         texts = [render_prompt(self.tokenizer, p) for p in prompts]
         params = SamplingParams(n=n, temperature=temperature, top_p=self.top_p if temperature > 0 else 1.0,
-                                max_tokens=max_new_tokens, stop=self.stop or None, seed=seed)
+                                max_tokens=max_new_tokens, stop=self.stop or None, seed=seed,
+                                stop_token_ids=list(self.stop_ids) or None)
         outs = self.llm.generate(texts, params, use_tqdm=False)
         return [[c.text for c in o.outputs] for o in outs]
 
 
 def make_backend(model_or_path, tokenizer, cfg: EvalConfig) -> Sampler:
-    if hasattr(model_or_path, "sample") and callable(model_or_path.sample):
+    if isinstance(model_or_path, Sampler):
         return model_or_path
     if cfg.backend == "vllm":
         if not isinstance(model_or_path, str):

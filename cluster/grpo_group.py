@@ -130,7 +130,7 @@ class LearnerGroup:
 
     def __init__(self, model_cfg: ModelConfig, cfg: GRPOConfig, *, vocab_size: int | None = None,
                  logprob_temperature: float = 1.0, max_len_norm: int = 64, seed: int = 0, pad_id: int = 0,
-                 placement: Placement | None = None, num_threads: int = 0):
+                 placement: Placement | None = None, num_threads: int = 0, kernels=None):
         self.cfg = cfg
         placement = placement or Placement()
         actor = ray.remote(Learner)
@@ -140,7 +140,7 @@ class LearnerGroup:
                           **placement.options(r)).remote(
                 model_cfg, cfg, vocab_size=vocab_size, logprob_temperature=logprob_temperature,
                 max_len_norm=max_len_norm, seed=seed, rank=r, world_size=n, pad_id=pad_id,
-                num_threads=num_threads)
+                num_threads=num_threads, kernels=kernels)
             for r in range(n)]
         host, port = ray.get(self.actors[0].address.remote())
         ray.get([a.init_distributed.remote(host, port) for a in self.actors])

@@ -1,14 +1,39 @@
-"""Reading data files into Ray Data as raw records that remember where they came from.
+"""Reading data files: one reader per format, shared by the Ray Data pipeline and plain Python.
 
-Every record is a row {"_src": file, "_row": 1-based row number, "_json": the record as JSON text,
-"_err": a read error or ""}. Keeping the record as JSON text (not as Arrow columns) means rows of
-mixed or wrong types cannot break Ray Data's schema inference: each row is parsed and validated
-later, in the tokenizer actors, where a bad row becomes a counted, named skip instead of a crash.
+    read_jsonl / read_json / read_parquet / read_txt   a binary stream -> (1-based row, record | RowError)
+    read_file(path[, data])                            one file (optionally .gz) -> (file, row, record | RowError)
+    read_hf(folder, part)                              a datasets.save_to_disk folder -> (folder, row, record)
+    iter_records(sources, part)                        every source, in the pipeline's order
+    read_rows(path, limit, on_bad_row=...)             plain Python: good rows as dicts, bad rows counted
+    read_sources(sources, part)                        Ray Data: one row per record (below)
 
-Sources: .jsonl/.ndjson (row = line number), .json (a list of records, or JSON lines), .parquet,
-.txt (continued pre-training: documents separated by blank lines; row = the document's first
-line), each optionally .gz; folders (searched recursively), globs, comma-separated lists, and
-folders written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
+What a row number is, per format:
+    .jsonl/.ndjson  the line number (blank lines count, are not records).
+    .json           one JSON document: a list of records -> row = index in the list (1-based); an object
+                    with exactly ONE key whose value is a list (e.g. {"data": [...]}, {"train": [...]})
+                    is a wrapper and that list is the records — unless the key is a column a record
+                    itself holds as a list (formats.LIST_COLUMNS: messages, conversations, prompt,
+                    completion), then the object is one record; any other value is one record.
+                    A .json file that is not one document but JSON lines is read as .jsonl.
+    .parquet        the row index (1-based).
+    .txt            continued pre-training: documents separated by blank lines, each {"text": ...};
+                    row = the document's first line.
+    saved HF        the row index in the split (a DatasetDict: "train" for data.path, else an eval split).
+
+A record that cannot be read is not an exception but a RowError in place of the record, named later as
+"file:row: field: what": a line that is not valid UTF-8 ("line: not valid UTF-8 at byte N (...)", N
+counted from 1 within the line; in .json "<field>: ... at byte N of this string"; in .txt "text: ...
+at byte N of line L"), a line that is not JSON ("json: invalid JSON (...)"), a lone surrogate. A .json
+document that does not parse is one bad row (at the line of the error). A file that cannot be read
+at all (corrupt gzip or parquet) raises ValueError naming the file.
+
+In Ray Data every record is a row {"_src": file, "_row": row, "_json": the record as JSON text, "_err":
+the RowError text or "", "_part"}. Keeping the record as JSON text (not as Arrow columns) means rows of
+mixed or wrong types cannot break Ray Data's schema inference: each row is validated later, in the
+tokenizer actors, where a bad row becomes a counted, named skip instead of a crash.
+
+Paths: files, folders (searched recursively), globs, comma-separated lists, and folders written by
+`datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
 """
 from __future__ import annotations
 
@@ -16,14 +41,29 @@ import glob
 import gzip
 import io
 import json
+import logging
 import os
+import re
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
+
+from cluster.formats import LIST_COLUMNS, RowError
+
+logger = logging.getLogger("posttrain.data")
 
 EXTENSIONS = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
 ROWS_PER_BLOCK = 256  # blocks this small let several tokenizer actors share one big file
 EVAL_SPLITS = ("validation", "test", "eval", "valid")
+MAX_BAD_REASONS = 5
+BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape that may decode to a lone surrogate
+
+Record = object  # a decoded JSON value (a dict when the row is well formed)
 
 
 @dataclass(frozen=True)
@@ -84,7 +124,7 @@ def resolve_sources(path: str, field: str = "data.path") -> list[Source]:
             elif _kind_of(m):
                 sources.append(Source("file", m))
             elif not glob.has_magic(part):
-                raise ValueError(f"{field}: {m!r}: unsupported file type; accepted: {', '.join(EXTENSIONS)} "
+                raise ValueError(f"{field}: {m!r}: unknown file type; accepted: {', '.join(EXTENSIONS)} "
                                  f"(optionally .gz), folders, or a datasets.save_to_disk folder")
     if not sources:
         raise FileNotFoundError(f"{field}: no data files found in {path!r}")
@@ -94,7 +134,280 @@ def resolve_sources(path: str, field: str = "data.path") -> list[Source]:
     return sources
 
 
-# ---------------------------------------------------------------- parsing file bytes into records
+# ---------------------------------------------------------------- text checks shared by the readers
+
+def _decode(raw: bytes, field: str, where: str = "") -> str | RowError:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RowError(field, f"not valid UTF-8 at byte {e.start + 1}{where} ({e.reason})")
+
+
+def _loads(text: str) -> Record | RowError:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return RowError("json", f"invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return RowError("json", "nested too deeply")
+
+
+def _unicode_problem(value, field: str, escaped_bytes: bool) -> RowError | None:
+    """The first string (key or value) of a record holding a surrogate: with escaped_bytes, surrogates
+    U+DC80..U+DCFF are bytes that were not UTF-8 (decoded with surrogateescape); else a lone surrogate
+    came from a JSON \\u escape and is not valid Unicode either."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        if m is None:
+            return None
+        if escaped_bytes and "\udc80" <= m.group() <= "\udcff":
+            try:
+                value.encode("utf-8", "surrogateescape").decode("utf-8")
+            except UnicodeEncodeError:
+                pass
+            except UnicodeDecodeError as e:
+                return RowError(field, f"not valid UTF-8 at byte {e.start + 1} of this string")
+        return RowError(field, f"not valid Unicode: lone surrogate \\u{ord(m.group()):04x} at character "
+                               f"{m.start() + 1}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{field}.{k}" if field != "row" else str(k)
+            problem = _unicode_problem(k, sub, escaped_bytes) or _unicode_problem(v, sub, escaped_bytes)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            problem = _unicode_problem(v, f"{field}[{i}]", escaped_bytes)
+            if problem:
+                return problem
+    return None
+
+
+def records_of(document) -> list:
+    """The records of one JSON document (the .json rule in the module docstring)."""
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict) and len(document) == 1:
+        (key, value), = document.items()
+        if isinstance(value, list) and key not in LIST_COLUMNS:
+            return value
+    return [document]
+
+
+# ---------------------------------------------------------------- one reader per format
+
+def read_jsonl(fh: IO[bytes]) -> Iterator[tuple[int, Record | RowError]]:
+    """JSON lines: row = line number; blank lines are skipped (but counted)."""
+    for i, raw in enumerate(fh, start=1):
+        if i == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        if not raw.strip():
+            continue
+        text = _decode(raw, "line")
+        if isinstance(text, RowError):
+            yield i, text
+            continue
+        text = text.strip()
+        rec = _loads(text)
+        if not isinstance(rec, RowError) and _SURROGATE_ESCAPE.search(text):
+            rec = _unicode_problem(rec, "row", False) or rec
+        yield i, rec
+
+
+def read_json(fh: IO[bytes]) -> Iterator[tuple[int, Record | RowError]]:
+    """One JSON document (a list of records, a wrapper of one list, or one record), or JSON lines."""
+    data = fh.read()
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    try:
+        text, bad_bytes = data.decode("utf-8"), False
+    except UnicodeDecodeError:  # keep reading: the bad bytes become bad rows of the records holding them
+        text, bad_bytes = data.decode("utf-8", "surrogateescape"), True
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        heads = [ln for ln in text.split("\n", 64)[:64] if ln.strip()][:2]
+        if all(isinstance(_loads(ln.encode("utf-8", "surrogateescape").decode("utf-8", "replace")), RowError)
+               for ln in heads):
+            # neither of the first two lines is a JSON value by itself: one (broken) document, not JSON lines
+            yield e.lineno, RowError("json", f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                                             f"the file is one JSON document, so none of its records is read")
+            return
+        yield from read_jsonl(io.BytesIO(data))
+        return
+    check = bad_bytes or _SURROGATE_ESCAPE.search(text) is not None
+    for i, rec in enumerate(records_of(document), start=1):
+        yield i, (_unicode_problem(rec, "row", bad_bytes) or rec) if check else rec
+
+
+def read_parquet(fh: IO[bytes]) -> Iterator[tuple[int, Record | RowError]]:
+    """Parquet: row = row index, read a batch at a time."""
+    import pyarrow.parquet as pq
+
+    i = 0
+    for batch in pq.ParquetFile(fh).iter_batches(batch_size=ROWS_PER_BLOCK * 4):
+        for rec in batch.to_pylist():
+            i += 1
+            yield i, rec
+
+
+def read_txt(fh: IO[bytes]) -> Iterator[tuple[int, Record | RowError]]:
+    """Plain text: documents separated by blank lines -> {"text": document}; row = its first line."""
+    doc: list[str] = []
+    start, problem = 0, None
+    for i, raw in enumerate(fh, start=1):
+        if i == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        if raw.strip():
+            if not doc:
+                start, problem = i, None
+            line = _decode(raw.rstrip(b"\r\n"), "text", f" of line {i}")
+            if isinstance(line, RowError):
+                problem = problem or line
+                line = ""
+            doc.append(line)
+        elif doc:
+            yield start, problem or {"text": "\n".join(doc)}
+            doc = []
+    if doc:
+        yield start, problem or {"text": "\n".join(doc)}
+
+
+READERS = {".jsonl": read_jsonl, ".ndjson": read_jsonl, ".json": read_json, ".parquet": read_parquet,
+           ".txt": read_txt}
+
+
+def _open(path: str, data: bytes | None) -> IO[bytes]:
+    gz = path.lower().endswith(".gz")
+    if data is not None:
+        return io.BytesIO(gzip.decompress(data) if gz else data)
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def read_file(path: str, data: bytes | None = None) -> Iterator[tuple[str, int, Record | RowError]]:
+    """(path, row, record | RowError) for each record of one file; `data`: its bytes, if already read."""
+    kind = _kind_of(path)
+    if kind is None:  # resolve_sources admits only known kinds
+        raise ValueError(f"unknown file type: {path!r}")
+    try:
+        with _open(path, data) as fh:
+            for row, rec in READERS[kind](fh):
+                yield path, row, rec
+    except (OSError, EOFError, zlib.error, ValueError) as e:  # corrupt gzip / parquet, unreadable file
+        raise ValueError(f"{path}: cannot read this {kind} file: {type(e).__name__}: {e}") from e
+
+
+def _hf_split(folder: str, part: int):
+    """A datasets.save_to_disk folder -> its Dataset (a DatasetDict: the train or an eval split)."""
+    import datasets
+
+    ds = datasets.load_from_disk(folder)
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds.keys())
+        wanted = ("train",) if part == 0 else EVAL_SPLITS
+        pick = next((n for n in wanted if n in ds), names[0] if len(names) == 1 else None)
+        if pick is None:
+            raise ValueError(f"data.path: {folder!r} is a DatasetDict with splits {names}; expected a "
+                             f"{' or '.join(wanted)} split")
+        ds = ds[pick]
+    return ds
+
+
+def load_hf(folder: str, part: int):
+    """A datasets.save_to_disk folder -> its Arrow table (+ a "_row" column)."""
+    import pyarrow as pa
+
+    table = _hf_split(folder, part).with_format("arrow")[:]
+    return table.append_column("_row", pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64)))
+
+
+def read_hf(folder: str, part: int = 0) -> Iterator[tuple[str, int, Record]]:
+    """(folder, row, record) for each row of a saved HF dataset."""
+    ds = _hf_split(folder, part).with_format("arrow")
+    for start in range(0, len(ds), ROWS_PER_BLOCK * 4):
+        for k, rec in enumerate(ds[start:start + ROWS_PER_BLOCK * 4].to_pylist()):
+            yield folder, start + k + 1, rec
+
+
+def iter_records(sources: list[Source], part: int = 0) -> Iterator[tuple[str, int, Record | RowError]]:
+    """Every record of every source, in the pipeline's order: files as given, then saved HF datasets."""
+    for s in sources:
+        if s.kind == "file":
+            yield from read_file(s.path)
+    for s in sources:
+        if s.kind == "hf":
+            yield from read_hf(s.path, part)
+
+
+def columns_of(source: Source, part: int = 0, n: int = 64) -> tuple[set[str], int, str]:
+    """The columns seen in the first `n` records of one source, how many records were looked at, and
+    the first read problem among them ("" if none) — what format detection needs."""
+    if source.kind == "hf":
+        ds = _hf_split(source.path, part)
+        return set(ds.column_names), min(len(ds), n), ""
+    columns: set[str] = set()
+    seen, problem = 0, ""
+    records = read_file(source.path)
+    try:
+        for _, row, rec in records:
+            seen += 1
+            if isinstance(rec, dict):
+                columns |= set(rec)
+            elif isinstance(rec, RowError) and not problem:
+                problem = f"{source.path}:{row}: {rec}"
+            if seen >= n:
+                break
+    finally:
+        records.close()
+    return columns, seen, problem
+
+
+def bad_row_error(reason: str, setting: str = "data.on_bad_row") -> ValueError:
+    """The error of a bad row under on_bad_row="fail" (the pipeline and read_rows raise the same)."""
+    section = setting.split(".")[0]
+    return ValueError(f"{section}: bad row {reason} ({setting}='fail'; set 'skip' to drop and count bad rows)")
+
+
+def read_rows(path: str, limit: int = 0, *, field: str = "data.path", part: int = 0, on_bad_row: str = "skip",
+              setting: str = "data.on_bad_row", stats: dict | None = None) -> list[dict]:
+    """Plain Python: up to `limit` (0: all) good records (dicts) of `path`, in the pipeline's order.
+
+    `field` names the path setting in errors; `part` 0 reads a DatasetDict's train split, 1 an eval
+    split. A bad row (not UTF-8, not JSON, not an object) is named "file:row: field: what": with
+    on_bad_row="skip" it is skipped, counted and logged; with "fail" it raises ValueError naming the
+    `setting` that chose this. `stats`,
+    if given, receives rows_read, rows_ok, rows_bad and bad_reasons (the first few)."""
+    if on_bad_row not in ("skip", "fail"):
+        raise ValueError(f"on_bad_row: expected one of skip, fail, got {on_bad_row!r}")
+    rows: list[dict] = []
+    n_read, bad = 0, []
+    records = iter_records(resolve_sources(path, field), part)
+    try:
+        for src, row, rec in records:
+            if limit and len(rows) >= limit:
+                break
+            n_read += 1
+            if not isinstance(rec, (dict, RowError)):
+                rec = RowError("row", f"expected a JSON object, got {'null' if rec is None else type(rec).__name__}")
+            if isinstance(rec, RowError):
+                reason = f"{src}:{row}: {rec}"
+                if on_bad_row == "fail":
+                    raise bad_row_error(reason, setting)
+                if len(bad) < MAX_BAD_REASONS:
+                    logger.warning("bad row: %s", reason)
+                bad.append(reason)
+                continue
+            rows.append(rec)
+    finally:
+        records.close()
+    if bad:
+        logger.warning("skipped %d bad row(s) of %d read from %s", len(bad), n_read, path)
+    if stats is not None:
+        stats.update(rows_read=n_read, rows_ok=len(rows), rows_bad=len(bad), bad_reasons=bad[:MAX_BAD_REASONS])
+    return rows
+
+
+# ---------------------------------------------------------------- Ray Data
 
 def _json_default(v):
     if isinstance(v, np.ndarray):
@@ -108,60 +421,6 @@ def _json_default(v):
 
 def _dumps(record) -> str:
     return json.dumps(record, ensure_ascii=False, default=_json_default)
-
-
-def _lines(data: bytes):
-    """(1-based line number, text or None if not UTF-8) for each non-blank line."""
-    for i, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            yield i, raw.decode("utf-8").strip(), ""
-        except UnicodeDecodeError as e:
-            yield i, "", f"line: not valid UTF-8 ({e.reason} at byte {e.start})"
-
-
-def parse_file(path: str, data: bytes):
-    """Yield (row, json_text, error) for each record of one file's bytes."""
-    if path.lower().endswith(".gz"):
-        data = gzip.decompress(data)
-    kind = _kind_of(path)
-    if kind in (".jsonl", ".ndjson"):
-        yield from _lines(data)
-    elif kind == ".json":
-        try:
-            whole = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            yield from _lines(data)  # JSON lines under a .json name; bad lines are reported per line
-            return
-        if isinstance(whole, dict):  # {"data": [...]}-style wrapper around a single list of records
-            lists = [v for v in whole.values() if isinstance(v, list)]
-            whole = lists[0] if len(lists) == 1 and len(whole) == 1 else [whole]
-        if not isinstance(whole, list):
-            whole = [whole]
-        for i, rec in enumerate(whole, start=1):
-            yield i, _dumps(rec), ""
-    elif kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, rec in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1):
-            yield i, _dumps(rec), ""
-    elif kind == ".txt":
-        text = data.decode("utf-8", errors="replace")
-        doc: list[str] = []
-        start = 0
-        for i, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                if not doc:
-                    start = i
-                doc.append(line)
-            elif doc:
-                yield start, _dumps({"text": "\n".join(doc)}), ""
-                doc = []
-        if doc:
-            yield start, _dumps({"text": "\n".join(doc)}), ""
-    else:  # resolve_sources admits only known kinds
-        raise ValueError(f"unsupported file type: {path!r}")
 
 
 def _records_batch(rows: list[tuple[str, int, str, str]], part: int) -> dict:
@@ -178,8 +437,8 @@ def parse_files_batch(batch: dict, part: int, display: dict) -> dict:
     """Ray Data map_batches: {"path", "bytes"} (one row per file) -> one row per record."""
     rows = []
     for path, data in zip(batch["path"], batch["bytes"]):
-        name = display.get(path, path)
-        rows += [(name, r, j, e) for r, j, e in parse_file(name, data)]
+        for src, r, rec in read_file(display.get(path, path), data):
+            rows.append((src, r, "", str(rec)) if isinstance(rec, RowError) else (src, r, _dumps(rec), ""))
     return _records_batch(rows, part)
 
 
@@ -187,25 +446,6 @@ def hf_records_batch(batch, src: str, part: int) -> dict:
     """Ray Data map_batches (pyarrow): rows of a saved HF dataset (+ "_row") -> records."""
     rows = batch.to_pylist()
     return _records_batch([(src, r.pop("_row"), _dumps(r), "") for r in rows], part)
-
-
-def load_hf(folder: str, part: int):
-    """A datasets.save_to_disk folder -> its Arrow table (a DatasetDict: the train or eval split)."""
-    import datasets
-
-    ds = datasets.load_from_disk(folder)
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds.keys())
-        wanted = ("train",) if part == 0 else EVAL_SPLITS
-        pick = next((n for n in wanted if n in ds), names[0] if len(names) == 1 else None)
-        if pick is None:
-            raise ValueError(f"data.path: {folder!r} is a DatasetDict with splits {names}; expected a "
-                             f"{' or '.join(wanted)} split")
-        ds = ds[pick]
-    table = ds.with_format("arrow")[:]
-    import pyarrow as pa
-
-    return table.append_column("_row", pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64)))
 
 
 def concat_in_order(datasets):
@@ -221,7 +461,7 @@ def concat_in_order(datasets):
 
 def read_sources(sources: list[Source], part: int, max_rows: int = 0):
     """Sources -> a materialized Ray Dataset of records in a stable order: file sources in the order
-    given (then row order), then saved HF datasets."""
+    given (then row order), then saved HF datasets (the order of iter_records)."""
     import ray
 
     pieces = []

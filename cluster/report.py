@@ -1,4 +1,4 @@
-"""Run reports: report.png and TensorBoard event files from a run's metrics.jsonl; Ray metrics.
+"""Run reports: report.png and TensorBoard event files from a run's metrics.jsonl.
 
     write_report("runs/tiny-sft")      # -> runs/tiny-sft/report.png, runs/tiny-sft/tensorboard/
     tensorboard --logdir runs/tiny-sft/tensorboard
@@ -7,15 +7,11 @@ report.png has one panel per quantity that the run logged, in this order: loss (
 learning rate, gradient norm, tokens/s, peak GPU memory; for GRPO: reward means (overall and
 `reward/<fn>/mean` per function), their spread (std), reward failures and timeouts (counts), KL,
 response length, accuracy. Absent keys give no panel.
-
-RayMetrics exports step metrics as `ray.util.metrics.Gauge`s (Prometheus, Ray dashboard); it does
-nothing when Ray is not initialised, so drivers can call it unconditionally.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 
 from cluster.run_files import RunFiles
@@ -180,53 +176,3 @@ def write_report(output_dir: str, tensorboard: bool = True) -> dict:
     if tensorboard:
         out["tensorboard"] = write_tensorboard(rows, files.path("tensorboard"))
     return out
-
-
-_NAME_RE = re.compile(r"[^a-zA-Z0-9_:]")
-
-
-def metric_name(key: str, prefix: str = "posttrain") -> str:
-    """A Prometheus-safe metric name: 'reward/math_answer' -> 'posttrain_reward_math_answer'."""
-    name = _NAME_RE.sub("_", key)
-    name = f"{prefix}_{name}" if prefix else name
-    return name if re.match(r"[a-zA-Z_:]", name) else f"_{name}"
-
-
-class RayMetrics:
-    """Step metrics as Ray Gauges (one per key, tagged with the run name); a no-op without Ray.
-
-        metrics = RayMetrics(run="tiny-grpo")
-        metrics.log({"step": 3, "loss": 0.4, "reward/math_answer": 0.7})
-    """
-
-    def __init__(self, run: str = "", prefix: str = "posttrain"):
-        self.run, self.prefix = run, prefix
-        self._gauges: dict = {}
-
-    @staticmethod
-    def enabled() -> bool:
-        try:
-            import ray
-        except ImportError:  # pragma: no cover
-            return False
-        return ray.is_initialized()
-
-    def log(self, metrics: dict) -> int:
-        """Set one gauge per numeric metric; returns how many were set (0 when Ray is not up)."""
-        if not self.enabled():
-            return 0
-        from ray.util.metrics import Gauge
-
-        n = 0
-        for k, v in metrics.items():
-            y = _num(v)
-            if k in ("time",) or y is None or not math.isfinite(y):
-                continue
-            name = metric_name(k, self.prefix)
-            gauge = self._gauges.get(name)
-            if gauge is None:
-                gauge = Gauge(name, description=f"training metric {k!r} of the latest step", tag_keys=("run",))
-                self._gauges[name] = gauge
-            gauge.set(y, tags={"run": self.run or "default"})
-            n += 1
-        return n

@@ -3,6 +3,9 @@
 Both have one interface: encode_chat / encode_text, max_model_len, vocab_size, and
 `stream(prompt_ids, n=, max_tokens=, temperature=, top_p=, stop=, seed=, ignore_eos=)`, an
 async iterator of `Event`s (text deltas per choice, a finish_reason on each choice's last).
+Chat rendering, prompt encoding, decoding and the stop ids (eos, generation config eos ids, the
+chat template's end-of-turn token) come from kernels.generation, as for rollout and eval:
+finish_reason is "stop" on any stop id or stop string, "length" only at max_tokens.
 
 `hf` decodes token by token itself rather than calling `generate()`: each step is a small job
 on one worker thread, so concurrent requests interleave step by step (no request waits for
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.serve_openai import StopText
+from kernels.generation import decode, encode_prompt, load_generation_config, stop_token_ids
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -157,22 +161,23 @@ class _Decode:
 
 
 class _Text:
-    """The tokenizer side shared by the engines (chat template, prompt encoding)."""
+    """The tokenizer side shared by the engines: kernels.generation's chat rendering, prompt
+    encoding, decoding and stop ids (`stop_ids`, set by each engine)."""
 
     tokenizer = None
+    stop_ids: list[int] | tuple = ()
 
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, messages)
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
+        return encode_prompt(self.tokenizer, text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(self.tokenizer, ids)
 
 
 class HFEngine(_Text):
@@ -188,23 +193,10 @@ class HFEngine(_Text):
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len, limit) if max_model_len else limit
         self.vocab_size = int(self.model.config.vocab_size)
-        self.eos_ids = self._eos_ids()
+        self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
+        self.eos_ids = set(self.stop_ids)
         # one thread owns the model: forward passes never overlap, requests interleave per step
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        gc = getattr(self.model, "generation_config", None)
-        for src in (getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif isinstance(src, (list, tuple)):
-                ids.update(int(x) for x in src)
-        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return ids
 
     async def stream(self, prompt_ids: list[int], *, n: int, max_tokens: int, temperature: float,
                      top_p: float, stop: list[str], seed: int | None = None,
@@ -254,6 +246,7 @@ class VLLMAsyncEngine(_Text):
 
         tok_dir = resolve_tokenizer_dir(path, "", tokenizer)
         self.tokenizer = load_tokenizer(tok_dir)
+        self.stop_ids = stop_token_ids(self.tokenizer, load_generation_config(path))
         args = AsyncEngineArgs(model=path, tokenizer=tok_dir, dtype=dtype,
                                max_model_len=max_model_len or None,
                                tensor_parallel_size=tensor_parallel_size,
@@ -276,8 +269,10 @@ class VLLMAsyncEngine(_Text):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        # ignore_eos: vLLM still ends on stop_token_ids, so none are passed then
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 stop=list(stop) or None, seed=seed, ignore_eos=ignore_eos,
+                                stop_token_ids=None if ignore_eos else list(self.stop_ids) or None,
                                 output_kind=RequestOutputKind.DELTA)
         counts = [0] * n
         request_id = secrets.token_hex(8)

@@ -150,45 +150,16 @@ def fit(spec: TrainSpec, train_ds, eval_ds=None):
 # ----------------------------------------------------------------------------- worker side
 
 def _build_for_training(spec: TrainSpec, device):
-    """Model with adapters, kernels patched, checkpointing set; returns (model, notes)."""
-    import torch
+    """Model with adapters, kernels patched, checkpointing set (kernels.factory); returns (model, notes)."""
+    from kernels.factory import build_training_model
 
-    from kernels.model import add_lora, build_model, enable_gradient_checkpointing
-
-    notes = {}
-    if spec.model.finetune == "qlora":
-        from kernels.qlora import build_qlora_model  # raises a clear error on CPU
-
-        model = build_qlora_model(spec.model, vocab_size=spec.vocab_size, device=device, seed=spec.seed)
-    else:
-        model = build_model(spec.model, vocab_size=spec.vocab_size, device=device, seed=spec.seed)
-        if spec.model.finetune == "full" and spec.model.dtype in ("bfloat16", "float16") \
-                and spec.train.strategy != "deepspeed":
-            log.warning("full fine-tuning with %s weights and no fp32 master copy: AdamW updates "
-                        "below %s resolution are lost; use model.dtype=auto (fp32 weights, bf16 "
-                        "autocast) or strategy deepspeed", spec.model.dtype, spec.model.dtype)
-        if spec.model.finetune == "lora" and device.type == "cuda" and spec.model.dtype == "auto":
-            model.to(torch.bfloat16)
-    model = add_lora(model, spec.model)
-    if spec.kernels is not None:
-        from kernels.patch import patch_model
-
-        # also with enabled=false: the config is recorded so the loss takes the plain path
-        patch_model(model, spec.kernels)
-        notes["kernels"] = "patched" if spec.kernels.enabled else "off"
-        if spec.kernels.enabled and spec.model.finetune != "full":
-            from kernels.fused_lora import apply_fused_lora
-
-            notes["fused_lora_blocks"] = apply_fused_lora(model, mode=spec.kernels.mode)
-    if spec.model.gradient_checkpointing == "offload":
-        from kernels.offload import enable_offloaded_checkpointing
-
-        notes["offloaded_checkpointing_layers"] = enable_offloaded_checkpointing(model)
-    elif spec.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-        notes["gradient_checkpointing"] = True
-    model.train()
-    return model, notes
+    if spec.model.finetune == "full" and spec.model.dtype in ("bfloat16", "float16") \
+            and spec.train.strategy != "deepspeed":
+        log.warning("full fine-tuning with %s weights and no fp32 master copy: AdamW updates "
+                    "below %s resolution are lost; use model.dtype=auto (fp32 weights, bf16 "
+                    "autocast) or strategy deepspeed", spec.model.dtype, spec.model.dtype)
+    return build_training_model(spec.model, kernels=spec.kernels, vocab_size=spec.vocab_size,
+                                device=device, seed=spec.seed)
 
 
 def _graphed_step(model, device, autocast, world: int, use_ds: bool):

@@ -12,6 +12,8 @@ the median tokens/s with every round's figure and per-round ratios. A contender 
 installed or crashes is reported with its error line; the run goes on.
 
 The contenders' code is in jobs/bench_worker.py (one process each); this module orchestrates.
+`posttrain bench learner ...` compares the GRPO learner's update with our SFT step on one model
+(jobs/bench_learner.py; `posttrain bench learner --help`).
 
 Contenders (--peers; ours always runs first):
   ours          build_model / build_qlora_model + add_lora (PEFT) + patch_model (Triton ops) +
@@ -489,6 +491,10 @@ def _nf4(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "learner":  # the GRPO learner against our SFT step (jobs/bench_learner.py)
+        from jobs.bench_learner import main as learner_main
+
+        return learner_main(argv[1:])
     a = parse_args(argv)
     a.argv = argv
     if a.cmd == "nf4":

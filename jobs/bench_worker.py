@@ -45,37 +45,18 @@ def _init_lora(model, seed: int) -> int:
 
 
 def _build_ours(spec: dict):
-    from kernels.fused_lora import apply_fused_lora
+    from kernels.factory import build_training_model
     from kernels.loss import causal_lm_loss_sum
-    from kernels.model import LoraConfig, ModelConfig, add_lora, build_model, enable_gradient_checkpointing
+    from kernels.model import LoraConfig, ModelConfig
+    from kernels.patch import KernelsConfig
 
     cfg = ModelConfig(path=spec["model_dir"], finetune=spec["mode"], dtype=spec["dtype"], attn_implementation="sdpa",
                       lora=LoraConfig(r=spec["rank"], alpha=spec["alpha"], dropout=0.0, target_modules=LORA_TARGETS))
-    if spec["mode"] == "qlora":
-        from kernels.qlora import build_qlora_model
-
-        model = build_qlora_model(cfg, device=spec["device"])
-    else:
-        model = build_model(cfg, device=spec["device"])
-    model = add_lora(model, cfg)
-    info = {"lora_A_initialised": _init_lora(model, spec["seed"])}
-    try:
-        from kernels.patch import KernelsConfig, patch_model
-    except ImportError as e:
-        info["patched"] = f"no ({e})"
-    else:
-        patch_model(model, KernelsConfig(enabled=True, mode="auto"))
-        info["patched"] = True
-    info["fused_blocks"] = apply_fused_lora(model)
     gc_mode = "offload" if spec["peer"] == "ours-offload" else spec["gc"]
-    if gc_mode == "offload":
-        from kernels.offload import enable_offloaded_checkpointing
-
-        enable_offloaded_checkpointing(model)
-    else:
-        enable_gradient_checkpointing(model)
-    info["gradient_checkpointing"] = gc_mode
-    model.train()
+    model, notes = build_training_model(cfg, kernels=KernelsConfig(enabled=True, mode="auto"),
+                                        device=spec["device"], gradient_checkpointing=gc_mode)
+    info = {"lora_A_initialised": _init_lora(model, spec["seed"]), "patched": notes.get("kernels") == "patched",
+            "fused_blocks": notes.get("fused_lora_blocks", 0), "gradient_checkpointing": gc_mode}
     step, info["cuda_graphs"] = None, "off"
     if spec.get("cuda_graphs", True) and spec["peer"] == "ours" and spec["device"].startswith("cuda"):
         import torch

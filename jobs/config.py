@@ -4,11 +4,18 @@ Each layer owns its dataclasses (kernels.model.ModelConfig, cluster.data.DataCon
 module only assembles them and checks what the dataclasses cannot check themselves:
 unknown keys (with the closest valid names suggested), types, and `Literal[...]` choices.
 Range checks live in each dataclass's `__post_init__`.
+
+`parse_job_args` is the one command-line parser of the jobs: `[TARGET] [CONFIG.yaml] [key.sub=value ...]`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import os
+import re
+import sys
+import textwrap
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -18,6 +25,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem; the message names the key and what is accepted."""
+
+
+class UsageError(ConfigError):
+    """A malformed command line; the message names the argument and gives the usage."""
 
 
 def _type_name(tp) -> str:
@@ -178,3 +189,85 @@ def to_dict(cfg) -> dict:
 def dump_yaml(cfg, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line of every job: `[TARGET] [CONFIG.yaml] [key.sub=value ...] [--options]`
+# ---------------------------------------------------------------------------------------------
+
+_OVERRIDE_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+_CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclasses.dataclass
+class JobArgs:
+    """A parsed job command line, for `load(cls, args.config, args.overrides)`; `options` holds the
+    job's own --options (argparse names)."""
+
+    config: str | None
+    overrides: list[str]
+    target: str | None = None
+    options: argparse.Namespace = dataclasses.field(default_factory=argparse.Namespace)
+
+
+class _JobArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, raised to the job's main (exit code 2 there), not sys.exit
+        raise UsageError(f"{message} (usage: {self.usage}; see --help)")
+
+
+def config_keys(cls) -> list[str]:
+    """Top-level keys of a config dataclass; sections (nested dataclasses) as `name.*`."""
+    hints = typing.get_type_hints(cls)
+    return [f"{f.name}.*" if dataclasses.is_dataclass(hints.get(f.name)) else f.name
+            for f in dataclasses.fields(cls) if f.init]
+
+
+def parse_job_args(prog: str, argv: list[str] | None, config_cls, *, description: str = "",
+                   target: str | None = None, target_help: str = "", config: bool = True,
+                   options: typing.Sequence[tuple[tuple[str, ...], dict]] = ()) -> JobArgs:
+    """Parse `prog [TARGET] [CONFIG.yaml] [key.sub=value ...] [--options]`, the form of every job.
+
+    prog: as shown in the usage ("posttrain sft"); argv: the arguments after it (None: sys.argv[1:]);
+    config_cls: the dataclass the overrides address (--help lists its keys);
+    target: the metavar of a leading, required argument (eval's run folder), or None;
+    config: whether a CONFIG.yaml may be given (first, once; any file that exists, or a .yaml/.yml path);
+    options: the job's own --options as (flags, argparse keyword arguments) pairs.
+    `--help` prints the usage and exits 0; a malformed line raises UsageError (a ConfigError) naming
+    the argument. Unknown keys are rejected by `load` (through `build`), naming the key.
+    """
+    usage = " ".join([prog, *([target] if target else []), *(["[CONFIG.yaml]"] if config else []),
+                      "[key.sub=value ...]", *(["[options]"] if options else [])])
+    rows = ([(target, target_help)] if target else []) + \
+        ([("CONFIG.yaml", "a YAML config (optional: defaults otherwise)")] if config else []) + \
+        [("key.sub=value", "set one config key; the value reads as YAML (1e-4, true, [a, b])")]
+    keys = textwrap.fill(", ".join(config_keys(config_cls)), width=96, initial_indent="  ",
+                         subsequent_indent="  ")
+    epilog = "arguments:\n" + "\n".join(f"  {name:<15} {text}" for name, text in rows) + \
+        f"\n\nconfig keys:\n{keys}"
+    p = _JobArgumentParser(prog=prog, usage=usage, description=description, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    for flags, kwargs in options:
+        p.add_argument(*flags, **kwargs)
+    ns = p.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    rest = list(ns.args)
+    del ns.args
+
+    def bad(arg: str, expected: str):
+        return UsageError(f"argument {arg!r}: expected {expected} (usage: {usage}; see --help)")
+
+    found_target = None
+    if target:
+        if not rest:
+            raise UsageError(f"missing {target} (usage: {usage}; see --help)")
+        found_target = rest.pop(0)
+    config_path = None
+    if config and rest and not _OVERRIDE_RE.match(rest[0]):
+        if not (rest[0].endswith(_CONFIG_SUFFIXES) or os.path.isfile(rest[0])):
+            raise bad(rest[0], "CONFIG.yaml (no such file) or key.sub=value")
+        config_path = rest.pop(0)
+    for arg in rest:
+        if not _OVERRIDE_RE.match(arg):
+            where = "; CONFIG.yaml comes first, once" if config and arg.endswith(_CONFIG_SUFFIXES) else ""
+            raise bad(arg, f"key.sub=value{where}")
+    return JobArgs(config_path, rest, found_target, ns)

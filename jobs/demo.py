@@ -16,26 +16,40 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 
-def _flag(argv: list[str], key: str, default: str) -> str:
-    for a in argv:
-        if a.startswith(key + "="):
-            return a.split("=", 1)[1]
-    return default
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's own keys. output_dir: where both runs go; grpo: run the GRPO stage (step 2);
+    grpo_steps: its GRPO steps."""
+
+    output_dir: str = "runs/demo"
+    grpo: bool = True
+    grpo_steps: int = 20
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("output_dir: must be set")
+        if self.grpo_steps < 1:
+            raise ValueError(f"grpo_steps: must be >= 1, got {self.grpo_steps}")
 
 
 def main(argv: list[str] | None = None) -> int:
     import logging
 
+    from jobs.config import ConfigError, load, parse_job_args
+
     logging.basicConfig(level=logging.WARNING)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out = _flag(argv, "output_dir", "runs/demo")
-    with_grpo = _flag(argv, "grpo", "true").lower() != "false"
-    grpo_steps = int(_flag(argv, "grpo_steps", "20"))
+    try:
+        args = parse_job_args("posttrain demo", argv, DemoConfig, description=__doc__, config=False)
+        demo = load(DemoConfig, None, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    out, with_grpo, grpo_steps = demo.output_dir, demo.grpo, demo.grpo_steps
     t0 = time.time()
 
-    from jobs.config import load
     from jobs.sft import SFTJobConfig, run_sft
 
     here = os.path.dirname(os.path.abspath(__file__))

@@ -16,24 +16,22 @@ max_new_tokens, max_problems, system_prompt, stop, batch_size, ci, bootstrap_sam
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="posttrain eval", description=__doc__.split("\n")[0])
-    p.add_argument("target", help="a run output_dir, an adapter folder, or a model folder")
-    p.add_argument("rest", nargs="*", help="an optional CONFIG.yaml, then key=value overrides")
-    p.add_argument("--out", default="", help="where eval.json goes (a folder or a .json path); default: TARGET/")
-    p.add_argument("--base", default=None, help="base model folder for an adapter")
-    args = p.parse_args(argv)
-    args.config = None
-    if args.rest and args.rest[0].endswith((".yaml", ".yml")):
-        args.config = args.rest.pop(0)
-    args.overrides = args.rest
-    return args
+    """`posttrain eval TARGET [CONFIG.yaml] [key=value ...] [--out OUT] [--base BASE]` -> JobArgs."""
+    from cluster.evaluate import EvalConfig
+    from jobs.config import parse_job_args
+
+    return parse_job_args(
+        "posttrain eval", argv, EvalConfig, description=__doc__, target="TARGET",
+        target_help="a run output_dir, an adapter folder, or a model folder",
+        options=[(("--out",), dict(default="", help="where eval.json goes (a folder or a .json path); "
+                                                    "default: TARGET/")),
+                 (("--base",), dict(default=None, help="base model folder for an adapter"))])
 
 
 def _vllm_model_dir(target: str) -> str:
@@ -51,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.evaluate import EvalConfig, evaluate
     from jobs.config import ConfigError, load
 
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         cfg = load(EvalConfig, args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -70,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            model, tok = load_for_inference(args.target, base=args.base, device=device,
+            model, tok = load_for_inference(args.target, base=args.options.base, device=device,
                                             dtype=torch.bfloat16 if device == "cuda" else None)
-        out = args.out or args.target
+        out = args.options.out or args.target
         res = evaluate(model, tok, None, cfg, output_path=out)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"eval error: {e}", file=sys.stderr)

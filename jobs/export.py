@@ -1,8 +1,9 @@
 """Export a run (or an adapter, or a model folder): adapter | merged16 | merged4 | gguf.
 
 What it does: finds the adapter, the base model and the tokenizer behind RUN_OR_ADAPTER
-(kernels.export.resolve_source), merges the adapter into the base in float32 and writes the
-requested format. No Ray: it runs where it is started (merged4 needs a CUDA GPU).
+(kernels.export_source.resolve_source: a run folder's run.json, written by the training jobs;
+config.yaml for runs saved before run.json existed), merges the adapter into the base in float32
+and writes the requested format. No Ray: it runs where it is started (merged4 needs a CUDA GPU).
 
 Launch:
   posttrain export runs/tiny-sft --format merged16                       # -> runs/tiny-sft/merged

@@ -44,7 +44,6 @@ Dr. GRPO: Liu et al. 2025), all deliberate:
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -56,11 +55,13 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from actors import grpo_math
 from actors.learner import GRPOConfig, make_batch
 from actors.rollout import RolloutConfig
 from cluster.run_files import RunFiles
 from jobs.config import ConfigError, dump_yaml, load
 from kernels.model import ModelConfig
+from kernels.patch import KernelsConfig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class GRPOJobConfig:
     ray_num_cpus: logical CPUs of a local Ray instance (0 = the machine's, or more if the actors
       ask for more: phases alternate, so rollout and learner may share cores).
     num_threads: torch threads in each rollout/learner actor (0 = Ray's default: the actor's CPUs).
+    kernels: the learner's kernels, as in SFT (kernels.patch.KernelsConfig: enabled, mode).
     """
 
     output_dir: str = "runs/grpo"
@@ -183,6 +185,7 @@ class GRPOJobConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     eval: HeldOutEvalConfig = field(default_factory=HeldOutEvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
@@ -193,8 +196,15 @@ class GRPOJobConfig:
             raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 (0 = only at the end) and keep_checkpoints >= 1")
-        if self.rollout.n < 2 and self.grpo.adv_estimator != "reinforce":
-            raise ValueError(f"rollout.n: GRPO compares samples within a group; need n >= 2, got {self.rollout.n}")
+        # the estimator says how many samples per prompt it needs (a group baseline: 2); the check
+        # once compared adv_estimator with the policy-loss name "reinforce", which never matched
+        need = grpo_math.min_group_size(self.grpo.adv_estimator)
+        if self.rollout.n < need:
+            raise ValueError(f"rollout.n: grpo.adv_estimator {self.grpo.adv_estimator!r} compares samples "
+                             f"within a group; need n >= {need}, got {self.rollout.n}")
+        if self.rollout.n < 2 and self.grpo.dynamic_sampling:
+            raise ValueError("grpo.dynamic_sampling: drops groups whose rewards do not vary, which needs "
+                             f"rollout.n >= 2 (got {self.rollout.n}); set grpo.dynamic_sampling=false")
         if self.rollout.sync == "adapter" and self.model.finetune == "full":
             raise ValueError("rollout.sync: adapter needs model.finetune lora (full fine-tuning has no adapter)")
         if self.rollout.backend == "vllm" and self.rollout.num_gpus == 0:
@@ -248,18 +258,17 @@ def tokenizer_dir(cfg: GRPOJobConfig) -> str:
 
 
 def read_prompts(cfg: PromptDataConfig) -> list[dict]:
-    """Prompt rows {"prompt": chat messages, "text": str, "columns": {...}} through Ray Data."""
-    import ray
-
+    """Prompt rows {"prompt": chat messages, "text": str, "columns": {...}}, read in the driver by
+    the one set of file readers (cluster.readers: every format SFT reads; a bad row fails naming
+    file:row)."""
     if cfg.path == "builtin":
         from cluster.builtin_task import generate
 
-        train, _ = generate(cfg.builtin_train_size, 200, seed=0)  # the split SFT trains on
-        ds = ray.data.from_items(train)
-    elif cfg.path.endswith(".parquet"):
-        ds = ray.data.read_parquet(cfg.path)
+        rows, _ = generate(cfg.builtin_train_size, 200, seed=0)  # the split SFT trains on
     else:
-        ds = ray.data.read_json(cfg.path, lines=cfg.path.endswith(".jsonl"))
+        from cluster.readers import read_rows
+
+        rows = read_rows(cfg.path, field="data.path", on_bad_row="fail")
     system = cfg.system_prompt
 
     def to_prompt(row: dict) -> dict:
@@ -280,7 +289,7 @@ def read_prompts(cfg: PromptDataConfig) -> list[dict]:
         return {"prompt": json.dumps(messages), "text": text, "columns": json.dumps(columns, default=str)}
 
     # rows are few and small: converting them in the driver is faster than scheduling map tasks
-    out = [to_prompt(dict(r)) for r in ds.iter_rows()]
+    out = [to_prompt(dict(r)) for r in rows]
     out = [{"prompt": json.loads(r["prompt"]), "text": r["text"], "columns": json.loads(r["columns"])} for r in out]
     if not out:
         raise ConfigError(f"data.path: {cfg.path!r} holds no prompts")
@@ -424,7 +433,6 @@ def print_step(r: dict, max_steps: int) -> None:
 def run_grpo(cfg: GRPOJobConfig) -> dict:
     import torch
 
-    from actors import grpo_math
     from actors.reward import RewardPool
     from cluster.grpo_group import LearnerGroup, Placement, RolloutGroup, WeightSync
     from kernels.tokenizer import load_tokenizer
@@ -468,7 +476,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
                             num_threads=threads)
     learners = LearnerGroup(cfg.model, cfg.grpo, logprob_temperature=cfg.rollout.temperature,
                             max_len_norm=cfg.rollout.max_tokens, seed=cfg.seed, pad_id=tok.pad_token_id or 0,
-                            placement=placement, num_threads=threads)
+                            placement=placement, num_threads=threads, kernels=cfg.kernels)
     sync = WeightSync(learners, rollouts, cfg.rollout, lora)
     pool = RewardPool(cfg.reward.specs(), num_actors=cfg.reward.num_actors, timeout_s=cfg.reward.timeout_s,
                       failure_reward=cfg.reward.failure_reward, batch_size=cfg.reward.batch_size,
@@ -610,14 +618,10 @@ def demo_grpo(output_dir: str, overrides: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="posttrain grpo", description=__doc__.split("\n")[0])
-    p.add_argument("config", nargs="?", help="YAML config (optional: defaults otherwise)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. grpo.lr=1e-5")
-    args = p.parse_args(argv)
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.config)
-        args.config = None
+    from jobs.config import parse_job_args
+
     try:
+        args = parse_job_args("posttrain grpo", argv, GRPOJobConfig, description=__doc__)
         cfg = load(GRPOJobConfig, args.config, args.overrides)
         run_grpo(cfg)
     except ConfigError as e:

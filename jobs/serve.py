@@ -13,7 +13,6 @@ only while the Ray cluster does: a local Ray started by this process ends with i
 `--emit-config OUT.yaml` writes a Serve config file for `serve deploy` / a RayService and
 deploys nothing.
 """
-import argparse
 import os
 import sys
 import time
@@ -21,17 +20,18 @@ import time
 import yaml
 
 from cluster.serve import ServeConfig, deploy, resolve, serve_config_file
-from jobs.config import ConfigError, load
+from jobs.config import ConfigError, load, parse_job_args
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="posttrain serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="a serve YAML config, or a model folder (merged, or base with adapter=...)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. port=8001 autoscaling.max_replicas=2")
-    p.add_argument("--no-block", action="store_true", help="return after the app is deployed and healthy")
-    p.add_argument("--emit-config", metavar="OUT.yaml", help="write a Serve config file and exit")
-    return p.parse_args(argv)
+    """`posttrain serve TARGET [key=value ...] [--no-block] [--emit-config OUT.yaml]` -> JobArgs
+    (TARGET: a serve YAML config or a model folder; see load_config)."""
+    return parse_job_args(
+        "posttrain serve", argv, ServeConfig, description=__doc__, target="TARGET", config=False,
+        target_help="a serve YAML config, or a model folder (merged, or base with adapter=...)",
+        options=[(("--no-block",), dict(action="store_true",
+                                         help="return after the app is deployed and healthy")),
+                 (("--emit-config",), dict(metavar="OUT.yaml", help="write a Serve config file and exit"))])
 
 
 def load_config(target: str, overrides: list[str]) -> ServeConfig:
@@ -41,14 +41,14 @@ def load_config(target: str, overrides: list[str]) -> ServeConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        args = parse_args(argv)
         cfg = load_config(args.target, args.overrides)
     except ConfigError as e:
         print(f"posttrain serve: config error: {e}", file=sys.stderr)
         return 2
 
-    if args.emit_config:
+    if args.options.emit_config:
         if cfg.api_key:
             print("posttrain serve: warning: api_key is written in clear into the config file; "
                   "prefer api_key_env", file=sys.stderr)
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"posttrain serve: warning: {name}={value!r} is relative; replicas resolve it "
                       f"against their own working directory (use an absolute path on shared storage, "
                       f"or a URI)", file=sys.stderr)
-        with open(args.emit_config, "w") as f:
-            f.write("# Serve config file: `serve deploy " + os.path.basename(args.emit_config) + "`\n")
+        with open(args.options.emit_config, "w") as f:
+            f.write("# Serve config file: `serve deploy " + os.path.basename(args.options.emit_config) + "`\n")
             yaml.safe_dump(serve_config_file(cfg), f, sort_keys=False)
-        print(f"wrote {args.emit_config}")
+        print(f"wrote {args.options.emit_config}")
         return 0
 
     try:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Serving {cfg.served_name()!r} ({cfg.engine}) at {url}", flush=True)
     print(f"  try: curl {url}/models" + (' -H "Authorization: Bearer $KEY"' if cfg.api_key or cfg.api_key_env else ""),
           flush=True)
-    if args.no_block:
+    if args.options.no_block:
         return 0
     print("Ctrl-C to stop.", flush=True)
     try:

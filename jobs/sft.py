@@ -19,7 +19,6 @@ Running it again with the same output_dir resumes from the last checkpoint (trai
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -212,20 +211,16 @@ def _print_summary(s: dict, files: RunFiles) -> None:
 
 
 def parse_args(argv: list[str] | None, prog: str):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    p.add_argument("config", nargs="?", help="YAML config (optional: defaults otherwise)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.lr=1e-4")
-    args = p.parse_args(argv)
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.config)
-        args.config = None
-    return args
+    """`prog [CONFIG.yaml] [key.sub=value ...]` -> jobs.config.JobArgs (UsageError on a bad line)."""
+    from jobs.config import parse_job_args
+
+    return parse_job_args(prog, argv, SFTJobConfig, description=__doc__)
 
 
 def main(argv: list[str] | None = None, task: str = "sft") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = parse_args(argv, f"posttrain {task}")
     try:
+        args = parse_args(argv, f"posttrain {task}")
         cfg = load(SFTJobConfig, args.config, args.overrides)
         if task == "cpt" and cfg.data.format == "auto":
             cfg = replace(cfg, data=replace(cfg.data, format="text"))

@@ -7,7 +7,7 @@ named preset built with random weights (`preset`): the public shapes are for ben
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -93,7 +93,8 @@ class ModelConfig:
     """Which model to train and how.
 
     preset: a name in PRESETS (random weights) - used when `path` is empty.
-    path: a local Hugging Face model folder (config.json + safetensors); wins over preset.
+    path: a local Hugging Face model folder (config.json + safetensors) or a .gguf file (its weights
+        are dequantised on load); wins over preset.
     tokenizer: a local tokenizer folder; default: `path`, or the run's trained tokenizer.
     finetune: lora | qlora (NF4 base, GPU only) | full.
     dtype: auto (bf16 on GPU, fp32 on CPU; fp32 for full fine-tuning, computed in bf16 under
@@ -120,8 +121,9 @@ class ModelConfig:
             raise ValueError(
                 f"model.preset: unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)} "
                 f"(or set model.path to a local model folder)")
-        if self.path and not os.path.isdir(self.path):
-            raise ValueError(f"model.path: {self.path!r} is not a folder (expected a local Hugging Face model)")
+        if self.path and not (os.path.isdir(self.path) or (is_gguf(self.path) and os.path.isfile(self.path))):
+            raise ValueError(f"model.path: {self.path!r} is neither a folder (a local Hugging Face model) "
+                             f"nor a .gguf file")
 
 
 def torch_dtype(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.dtype:
@@ -133,6 +135,17 @@ def torch_dtype(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.d
             return torch.float32
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return getattr(torch, cfg.dtype)
+
+
+def is_gguf(path: str) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def gguf_args(path: str) -> tuple[tuple, dict]:
+    """from_pretrained's arguments for a folder or a .gguf file: ((folder,), {"gguf_file": name})."""
+    if is_gguf(path):
+        return (os.path.dirname(os.path.abspath(path)),), {"gguf_file": os.path.basename(path)}
+    return (path,), {}
 
 
 def hf_config(preset: str, **overrides):
@@ -152,7 +165,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, device="cpu"
     dtype = torch_dtype(cfg, device)
     if cfg.path:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            *gguf_args(cfg.path)[0], **gguf_args(cfg.path)[1], dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
         overrides = dict(cfg.config_overrides)
         if vocab_size is not None:
@@ -249,7 +262,3 @@ def save_merged(model, out_dir: str, tokenizer=None, dtype: torch.dtype = torch.
     from kernels.export import write_merged16
 
     return write_merged16(model, tokenizer, out_dir, dtype=dtype)
-
-
-def with_overrides(cfg: ModelConfig, **kw) -> ModelConfig:
-    return replace(cfg, **kw)

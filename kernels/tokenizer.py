@@ -49,12 +49,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, out_dir: str |
 
 
 def load_tokenizer(path: str):
-    """A tokenizer from a local folder, with a pad token guaranteed."""
+    """A tokenizer from a local folder or a .gguf file, with a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer: {path!r} is not a folder (expected a local tokenizer)")
-    tok = AutoTokenizer.from_pretrained(path)
+    if path.lower().endswith(".gguf") and os.path.isfile(path):  # the tokenizer stored in a GGUF file
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    elif not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer: {path!r} is not a folder (expected a local tokenizer) "
+                                f"nor a .gguf file")
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -43,9 +43,9 @@ def _capped(a, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _linear_cross_entropy_fwd_kernel(LOGITS, stride_row, TARGETS, LOSS, n_rows, n_cols, softcap, ignore_index,
+def _linear_cross_entropy_fwd_kernel(LOGITS, stride_row, TARGETS, LOSS, ENT, n_rows, n_cols, softcap, ignore_index,
                                      HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                                     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                                     COMPUTE_ENT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row * stride > 2**31
     rmask = rows < n_rows
     target = tl.load(TARGETS + rows, mask=rmask, other=ignore_index).to(tl.int64)
@@ -68,20 +68,29 @@ def _linear_cross_entropy_fwd_kernel(LOGITS, stride_row, TARGETS, LOSS, n_rows, 
     a_t = tl.load(LOGITS + rows * stride_row + target, mask=valid, other=0.0).to(tl.float32)
     z_t, _ = _capped(a_t, softcap, HAS_SOFTCAP)
     tl.store(LOSS + rows, tl.where(valid, lse - z_t, 0.0), mask=rmask)
-    if COMPUTE_GRAD:
-        # pass 2: d loss / d logits = (softmax - onehot) * cap', written over the logits rows
+    if COMPUTE_GRAD or COMPUTE_ENT:
+        # pass 2: d loss / d logits = (softmax - onehot) * cap', written over the logits rows;
+        # entropy = lse - sum(p * z) (a metric of the GRPO learner)
+        pz = tl.zeros([BLOCK_R], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_V):
             cmask = start + cols < n_cols
             a = tl.load(row_ptr + start + cols, mask=valid[:, None] & cmask, other=0.0).to(tl.float32)
             z, dcap = _capped(a, softcap, HAS_SOFTCAP)
             p = tl.exp(z - lse[:, None])
-            g = (p - tl.where(start + cols == target[:, None], 1.0, 0.0)) * dcap
-            g = tl.where(valid[:, None], g, 0.0)
-            tl.store(row_ptr + start + cols, g.to(LOGITS.dtype.element_ty), mask=rmask[:, None] & cmask)
+            if COMPUTE_ENT:
+                pz += tl.sum(tl.where(valid[:, None] & cmask, p * z, 0.0), axis=1)
+            if COMPUTE_GRAD:
+                g = (p - tl.where(start + cols == target[:, None], 1.0, 0.0)) * dcap
+                g = tl.where(valid[:, None], g, 0.0)
+                tl.store(row_ptr + start + cols, g.to(LOGITS.dtype.element_ty), mask=rmask[:, None] & cmask)
+        if COMPUTE_ENT:
+            tl.store(ENT + rows, tl.where(valid, lse - pz, 0.0), mask=rmask)
 
 
-def _rows_loss_and_grad_triton(logits: torch.Tensor, targets: torch.Tensor, softcap, compute_grad: bool):
-    """logits [C, V] (overwritten with d loss / d logits when compute_grad) -> losses [C] fp32."""
+def _rows_loss_and_grad_triton(logits: torch.Tensor, targets: torch.Tensor, softcap, compute_grad: bool,
+                               entropy: torch.Tensor | None = None):
+    """logits [C, V] (overwritten with d loss / d logits when compute_grad) -> losses [C] fp32;
+    `entropy` [C] fp32, when given, receives each row's entropy (0 for ignored rows)."""
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows:
@@ -89,13 +98,14 @@ def _rows_loss_and_grad_triton(logits: torch.Tensor, targets: torch.Tensor, soft
         block_v = min(MAX_BLOCK_V if logits.is_cuda else tile_elements(logits.device), next_power_of_2(n_cols))
         block_r = rows_per_tile(block_v, logits.device, n_rows, gpu_tile=MAX_BLOCK_V)
         launchable(_linear_cross_entropy_fwd_kernel, logits.device)[(triton.cdiv(n_rows, block_r),)](
-            logits, logits.stride(0), targets, losses, n_rows, n_cols, float(softcap or 0.0), IGNORE_INDEX,
-            HAS_SOFTCAP=bool(softcap), COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_V=block_v,
-            num_warps=8)
+            logits, logits.stride(0), targets, losses, losses if entropy is None else entropy, n_rows, n_cols,
+            float(softcap or 0.0), IGNORE_INDEX, HAS_SOFTCAP=bool(softcap), COMPUTE_GRAD=compute_grad,
+            COMPUTE_ENT=entropy is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8)
     return losses
 
 
-def _rows_loss_and_grad_torch(logits: torch.Tensor, targets: torch.Tensor, softcap, compute_grad: bool):
+def _rows_loss_and_grad_torch(logits: torch.Tensor, targets: torch.Tensor, softcap, compute_grad: bool,
+                              entropy: torch.Tensor | None = None):
     """The same as the Triton kernel with torch ops (fp32 per chunk)."""
     z = logits.float()  # [C, V]
     if softcap:
@@ -106,6 +116,8 @@ def _rows_loss_and_grad_torch(logits: torch.Tensor, targets: torch.Tensor, softc
     safe = torch.where(valid, targets, 0)
     z_t = z.gather(1, safe[:, None])[:, 0]
     losses = torch.where(valid, lse - z_t, 0.0)
+    if entropy is not None:
+        entropy.copy_(torch.where(valid, lse - (torch.softmax(z, -1) * z).sum(-1), 0.0))
     if compute_grad:
         g = torch.exp(z - lse[:, None])
         g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0

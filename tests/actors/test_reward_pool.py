@@ -46,7 +46,6 @@ def test_weighted_total_async_terms_and_builtins(make_pool):
                 zip(*(res.per_function[k] for k in ["math_answer", "format", f"{FNS}:async_contains", "len"]))]
     assert res.total == pytest.approx(expected)
     assert sum(res.failures.values()) == sum(res.timeouts.values()) == 0 and res.errors == []
-    assert res.metrics()["reward/math_answer/mean"] == pytest.approx(0.8)
 
 
 def test_a_raising_function_yields_the_failure_reward_and_is_counted(make_pool, caplog):

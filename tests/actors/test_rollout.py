@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actors.learner import GRPOConfig, Learner, logprob_mismatch, make_batch
-from actors.rollout import RolloutConfig, RolloutWorker, trim_completion
+from actors.rollout import RolloutConfig, RolloutWorker
 from kernels.model import LoraConfig, ModelConfig
 from kernels.tokenizer import load_tokenizer
 
@@ -75,17 +75,140 @@ def test_train_inference_mismatch_hf(worker, temperature):
     assert mm["max_abs"] < 1e-4, mm
 
 
-def test_trim_completion_eos_and_stop(tiny_tokenizer_dir):
+# trim_completion's own test lives in tests/kernels/test_generation.py (kernels.generation owns it)
+
+
+@pytest.fixture(scope="module")
+def im_start_eos_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """The trained tokenizer saved with eos <|im_start|> while its ChatML template closes each
+    assistant turn with <|im_end|> (the shape of SmolLM2-135M-Instruct's tokenizer)."""
     tok = load_tokenizer(tiny_tokenizer_dir)
-    ids = tok("12 + 3 = 15\n#### 15", add_special_tokens=False)["input_ids"]
-    eos = tok.eos_token_id
-    lps = [-0.1] * (len(ids) + 3)
-    got, lp, text, finish = trim_completion(tok, ids + [eos, 5, 6], lps, {eos}, [])
-    assert got == ids + [eos] and len(lp) == len(got) and finish == "stop" and text == "12 + 3 = 15\n#### 15"
-    got, lp, text, finish = trim_completion(tok, ids, lps[:len(ids)], {eos}, ["####"])
-    assert finish == "stop" and text == "12 + 3 = 15\n" and len(got) < len(ids) and len(lp) == len(got)
-    got, lp, text, finish = trim_completion(tok, ids, lps[:len(ids)], {eos}, [])
-    assert finish == "length" and got == ids
+    tok.eos_token = "<|im_start|>"
+    out = str(tmp_path_factory.mktemp("im-start-eos"))
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def im_start_worker(im_start_eos_dir):
+    w = RolloutWorker(MODEL, RolloutConfig(n=2, max_tokens=6, batch_size=4), im_start_eos_dir,
+                      vocab_size=VOCAB, seed=0)
+    # the tiny preset's generation_config names id 2 (<|im_end|>) as eos: drop it, so that only the
+    # tokenizer and its chat template tell where a completion ends
+    w.engine.model.generation_config.eos_token_id = None
+    return w
+
+
+def _forced(model, token_ids, bonus, after_calls=0):
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(1)
+        if len(calls) > after_calls:
+            out = out.clone()
+            out[..., token_ids] += bonus
+        return out
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def _truncation_rate(samples):
+    """What jobs/grpo.py reports as truncation_rate."""
+    return sum(s.finish_reason == "length" for s in samples) / len(samples)
+
+
+def test_rollout_stops_at_chat_template_end_of_turn(im_start_worker):
+    w = im_start_worker
+    im_start, im_end = w.tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert w.tok.eos_token_id == im_start
+    # one batch (batch_size 4 >= 3 prompts): prefill + 1 decode step, then <|im_end|>
+    handle = _forced(w.engine.model, [im_end], 1e4, after_calls=2)
+    try:
+        samples = _flat(w.generate(PROMPTS, seed=1))
+    finally:
+        handle.remove()
+    for s in samples:
+        assert s.finish_reason == "stop", s
+        assert len(s.completion_token_ids) == 3 and s.completion_token_ids[-1] == im_end
+        assert len(s.logprobs) == 3 and "<|im_end|>" not in s.text
+    assert _truncation_rate(samples) == 0.0
+
+
+def test_rollout_length_only_at_max_tokens(im_start_worker):
+    w = im_start_worker
+    stops = w.tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    handle = _forced(w.engine.model, stops, -1e4)  # no stop id can be sampled
+    try:
+        samples = _flat(w.generate(PROMPTS, seed=1))
+    finally:
+        handle.remove()
+    assert all(s.finish_reason == "length" and len(s.completion_token_ids) == 6 == len(s.logprobs)
+               for s in samples)
+    assert _truncation_rate(samples) == 1.0
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch, tmp_path):
+    """Just the vLLM API actors/rollout_vllm.VLLMEngine uses for sampling: LLM(**kw).generate and
+    SamplingParams; each completion is scripted as (token_ids, finish_reason)."""
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    from actors import rollout_vllm
+
+    seen = {"script": []}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            seen["params"] = kw
+            self.__dict__.update(kw)
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["llm"] = kw
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=False):
+            seen["prompts"] = prompts
+            outs = []
+            for _ in prompts:
+                outputs = [NS(index=i, token_ids=ids, finish_reason=reason,
+                              logprobs=[{t: NS(logprob=-0.5)} for t in ids])
+                           for i, (ids, reason) in enumerate(seen["script"][:params.n])]
+                outs.append(NS(outputs=outputs))
+            return outs
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    for k, v in rollout_vllm.VLLM_ENV.items():  # the engine sets these; restored after the test
+        monkeypatch.setenv(k, os.environ.get(k, v))
+    monkeypatch.setattr(rollout_vllm.tempfile, "mkdtemp", lambda prefix="": str(tmp_path))
+    return seen
+
+
+def test_vllm_engine_passes_stop_token_ids(fake_vllm, im_start_eos_dir, tiny_merged_dir):
+    from actors.rollout_vllm import VLLMEngine
+
+    tok = load_tokenizer(im_start_eos_dir)
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    model_dir = tiny_merged_dir(torch.float32)  # its generation_config.json names id 2 (<|im_end|>) too
+    eng = VLLMEngine(ModelConfig(path=model_dir), RolloutConfig(backend="vllm", n=3, max_tokens=4),
+                     im_start_eos_dir, tok)
+    fake_vllm["script"] = [([7, im_end, 9], "stop"),      # vLLM returned the stop id (and more)
+                           ([7, 8], "stop"),              # vLLM ended on a stop id it did not return
+                           ([7, 8, 9, 10], "length")]
+    (row,) = eng.generate([[{"role": "user", "content": "1 + 2"}]], n=3, temperature=1.0, top_p=1.0,
+                          max_tokens=4, stop=[], seed=0, ignore_eos=False)
+    assert set(fake_vllm["params"]["stop_token_ids"]) == {im_start, im_end}
+    assert fake_vllm["prompts"][0]["prompt_token_ids"] == tok.apply_chat_template(
+        [{"role": "user", "content": "1 + 2"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert [(c.token_ids, c.finish_reason) for c in row] == [([7, im_end], "stop"), ([7, 8], "stop"),
+                                                             ([7, 8, 9, 10], "length")]
+    assert [len(c.logprobs) for c in row] == [2, 2, 4]
+    eng.generate([[1, 2, 3]], n=1, temperature=0.0, top_p=1.0, max_tokens=4, stop=[], seed=0, ignore_eos=True)
+    assert fake_vllm["params"]["stop_token_ids"] is None and fake_vllm["params"]["ignore_eos"] is True
+    assert fake_vllm["prompts"][0]["prompt_token_ids"] == [1, 2, 3]
 
 
 def test_update_weights_and_adapter_sync_make_rollout_match_learner(tiny_tokenizer_dir):

@@ -148,6 +148,37 @@ def test_hf_backend_on_tiny_model(tiny_tokenizer_dir, tmp_path):
     assert all(len(p["predictions"]) == 3 for p in res["per_problem"])
 
 
+def test_vllm_backend_stops_on_every_stop_token_id(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """Against a stand-in `vllm` module: the prompts are the chat rendering and SamplingParams get
+    kernels.generation.stop_token_ids (here the eos <|im_start|> and the template's <|im_end|>)."""
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    from kernels.tokenizer import load_tokenizer
+
+    seen = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["llm"] = kw
+
+        def generate(self, texts, params, use_tqdm=False):
+            seen["texts"], seen["params"] = texts, params.kw
+            return [NS(outputs=[NS(text="#### 4") for _ in range(params.kw["n"])]) for _ in texts]
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = LLM
+    vllm.SamplingParams = lambda **kw: NS(kw=kw)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    tok.eos_token = "<|im_start|>"
+    res = evaluate(str(tmp_path), tok, GSM[:1], EvalConfig(backend="vllm", k=2, temperature=1.0))
+    assert res["correct"] == 1 and seen["llm"]["model"] == str(tmp_path)
+    assert seen["texts"][0].endswith("<|im_start|>assistant\n")
+    assert seen["params"]["stop_token_ids"] == tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+
 def test_data_loading(tmp_path):
     rows = load_rows("builtin")
     assert len(rows) == 200 and question_and_gold(rows[0], "auto")[1].lstrip("-").isdigit()

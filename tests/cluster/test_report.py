@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cluster.report import PANELS, RayMetrics, _panel_keys, metric_name, plot_metrics, write_report
+from cluster.report import PANELS, _panel_keys, plot_metrics, write_report
 from cluster.run_files import RunFiles
 
 
@@ -100,27 +100,6 @@ def test_report_bad_inputs(tmp_path):
         write_report(str(tmp_path / "empty"))
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     assert write_report(str(tmp_path / "empty"))["png"] is None
-
-
-def test_metric_names():
-    assert metric_name("reward/math_answer") == "posttrain_reward_math_answer"
-    assert metric_name("loss", prefix="") == "loss"
-    assert metric_name("1x", prefix="") == "_1x"
-
-
-def test_ray_metrics_noop_without_ray(monkeypatch):
-    import ray
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    m = RayMetrics(run="t")
-    assert m.log({"step": 1, "loss": 0.5}) == 0 and not m._gauges
-
-
-def test_ray_metrics_gauges(ray_local):
-    m = RayMetrics(run="test-run")
-    assert m.log({"step": 2, "loss": 0.5, "reward/math_answer": 0.25, "phase": "x", "kl": float("nan")}) == 3
-    assert set(m._gauges) == {"posttrain_step", "posttrain_loss", "posttrain_reward_math_answer"}
-    assert m.log({"loss": 0.4}) == 1 and len(m._gauges) == 3  # gauges are reused
 
 
 def test_smoothing_is_centred_and_does_not_lag():

@@ -254,6 +254,62 @@ def test_chat_without_template_is_400(tiny_dirs, tmp_path):
     assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
 
 
+@pytest.fixture(scope="module")
+def im_start_eos(tmp_path_factory, tiny_dirs, tiny_tokenizer_dir):
+    """A model folder whose config names no eos, and the trained tokenizer saved with eos
+    <|im_start|> while its ChatML template closes assistant turns with <|im_end|> (the shape of
+    SmolLM2-135M-Instruct): only the chat template tells where an answer ends."""
+    import shutil
+
+    from kernels.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("im_start_eos")
+    model_dir = root / "model"
+    shutil.copytree(tiny_dirs["base"], model_dir)
+    (model_dir / "generation_config.json").unlink(missing_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["eos_token_id"] = cfg["bos_token_id"] = None
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    tok.eos_token = "<|im_start|>"
+    tok.save_pretrained(str(root / "tok"))
+    return {"model": str(model_dir), "tok": str(root / "tok"),
+            "ids": tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])}
+
+
+def test_hf_engine_stops_at_chat_template_end_of_turn(im_start_eos):
+    from starlette.testclient import TestClient
+
+    im_start, im_end = im_start_eos["ids"]
+    eng = HFEngine(im_start_eos["model"], tokenizer=im_start_eos["tok"], dtype="float32", device="cpu")
+    assert eng.tokenizer.eos_token_id == im_start
+    assert sorted(eng.stop_ids) == sorted([im_start, im_end]) and eng.eos_ids == {im_start, im_end}
+    calls = []
+
+    def hook(module, args, out):  # prefill + 1 decode step, then <|im_end|> (or never a stop id)
+        calls.append(1)
+        out = out.clone()
+        if force_end and len(calls) > 2:
+            out[..., im_end] += 1e4
+        if not force_end:
+            out[..., [im_start, im_end]] -= 1e4
+        return out
+
+    handle = eng.model.get_output_embeddings().register_forward_hook(hook)
+    body = {"messages": [{"role": "user", "content": "1 + 2"}], "max_tokens": 6, "temperature": 0}
+    try:
+        with TestClient(make_app(_Server(eng))) as c:
+            force_end = True
+            r = c.post("/v1/chat/completions", json=body).json()
+            assert r["choices"][0]["finish_reason"] == "stop", r
+            assert r["usage"]["completion_tokens"] == 2 and "<|im_end|>" not in r["choices"][0]["message"]["content"]
+            force_end = False
+            r = c.post("/v1/chat/completions", json=body).json()
+            assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 6
+    finally:
+        handle.remove()
+
+
 # ---------------------------------------------------------------------------------------------
 # Serve config files
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +410,7 @@ def test_vllm_async_engine_adapter(fake_vllm, tiny_dirs):
         p = fake_vllm["params"]
         assert (p["n"], p["max_tokens"], p["stop"], p["seed"], p["ignore_eos"]) == (2, 3, ["##"], 3, True)
         assert p["output_kind"] == "delta"
+        assert p["stop_token_ids"] is None          # ignore_eos: vLLM would still stop on these
         assert fake_vllm["prompt"]["prompt_token_ids"] == eng.encode_text("Ava has")
         with c.stream("POST", "/v1/chat/completions", headers=h, json={
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}) as s:
@@ -362,4 +419,7 @@ def test_vllm_async_engine_adapter(fake_vllm, tiny_dirs):
         chunks = [json.loads(e) for e in events[:-1]]
         text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
         assert text == "t0t1t2" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        # every stop id of kernels.generation (eos, generation config, chat template end-of-turn)
+        assert fake_vllm["params"]["stop_token_ids"] == eng.stop_ids
+        assert eng.tokenizer.convert_tokens_to_ids("<|im_end|>") in eng.stop_ids
         assert c.post("/v1/completions", headers=h, json={"prompt": "x " * 200}).status_code == 400

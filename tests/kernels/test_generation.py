@@ -1,10 +1,15 @@
-"""kernels/generation.py: left padding, greedy determinism, sampling, stop strings, chat prompts."""
+"""kernels/generation.py: left padding, greedy determinism, sampling, stop strings, chat prompts,
+stop token ids (eos, generation config, chat template end-of-turn), trimming, the engine interface."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
-from kernels.generation import generate, generate_completions, render_prompt
+from kernels.engine import Completion, Engine
+from kernels.generation import (HFGenerator, end_of_turn_ids, generate, generate_completions, render_prompt,
+                                stop_token_ids, trim_completion)
 from kernels.model import ModelConfig, build_model
 from kernels.tokenizer import load_tokenizer
 
@@ -108,3 +113,135 @@ def test_bad_arguments(tiny):
     with pytest.raises(TypeError, match="string or a list of chat messages"):
         generate(model, tok, [123])
     assert generate(model, tok, []) == []
+
+
+def test_trim_completion_eos_and_stop(tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    ids = tok("12 + 3 = 15\n#### 15", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    lps = [-0.1] * (len(ids) + 3)
+    got, lp, text, finish = trim_completion(tok, ids + [eos, 5, 6], lps, {eos}, [])
+    assert got == ids + [eos] and len(lp) == len(got) and finish == "stop" and text == "12 + 3 = 15\n#### 15"
+    got, lp, text, finish = trim_completion(tok, ids, lps[:len(ids)], {eos}, ["####"])
+    assert finish == "stop" and text == "12 + 3 = 15\n" and len(got) < len(ids) and len(lp) == len(got)
+    got, lp, text, finish = trim_completion(tok, ids, lps[:len(ids)], {eos}, [])
+    assert finish == "length" and got == ids
+
+
+# --------------------------------------------------------------------------- stop token ids
+# SmolLM2-135M-Instruct names <|im_start|> as its eos token while its chat template ends each
+# assistant turn with <|im_end|>; the tokenizer below is the locally trained one set up the same way.
+
+
+@pytest.fixture(scope="module")
+def im_start_eos_tok(tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    tok.eos_token = "<|im_start|>"
+    return tok
+
+
+def _id(tok, token: str) -> int:
+    return tok.convert_tokens_to_ids(token)
+
+
+def test_stop_token_ids_eos_config_and_template(im_start_eos_tok):
+    from transformers import GenerationConfig
+
+    tok = im_start_eos_tok
+    im_start, im_end = _id(tok, "<|im_start|>"), _id(tok, "<|im_end|>")
+    assert tok.eos_token_id == im_start and im_start != im_end
+    assert end_of_turn_ids(tok) == [im_end]
+    assert stop_token_ids(tok) == [im_start, im_end]                   # eos first (the pad fallback)
+    assert stop_token_ids(tok, GenerationConfig(eos_token_id=[5, 7])) == [im_start, 5, 7, im_end]
+    assert stop_token_ids(tok, GenerationConfig(eos_token_id=9)) == [im_start, 9, im_end]
+    assert stop_token_ids(tok, {"eos_token_id": [im_end, 11]}) == [im_start, im_end, 11]
+    assert stop_token_ids(tok, GenerationConfig()) == [im_start, im_end]
+
+
+def test_stop_token_ids_without_chat_template(tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    tok.chat_template = None
+    assert end_of_turn_ids(tok) == []
+    assert stop_token_ids(tok) == [tok.eos_token_id]
+    assert stop_token_ids(tok, {"eos_token_id": 4}) == [tok.eos_token_id, 4]
+
+
+@contextlib.contextmanager
+def _logit_hook(model, token_ids: list[int], bonus: float, after_calls: int = 0):
+    """Add `bonus` to the logits of token_ids from the (after_calls + 1)-th forward on."""
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(1)
+        if len(calls) > after_calls:
+            out = out.clone()
+            out[..., token_ids] += bonus
+        return out
+
+    handle = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _no_config_eos(model):
+    """The tiny preset's generation_config names id 2 (<|im_end|> here) as eos: drop it, so that
+    only the tokenizer and the chat template can tell where a completion ends."""
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+def test_stops_at_chat_template_end_of_turn_not_only_eos(tiny, im_start_eos_tok):
+    model, _ = tiny
+    tok = im_start_eos_tok
+    im_end = _id(tok, "<|im_end|>")
+    msgs = [[{"role": "user", "content": "1 + 2"}]]
+    with _no_config_eos(model):
+        with _logit_hook(model, [im_end], 1e4, after_calls=2):  # prefill + 1 step, then <|im_end|>
+            c = generate_completions(model, tok, msgs, max_new_tokens=6, logprobs=True)[0][0]
+        with _logit_hook(model, [im_end], 1e4, after_calls=2):
+            eos_only = generate_completions(model, tok, msgs, max_new_tokens=6, stop_ids=[tok.eos_token_id])[0][0]
+    assert c.finish_reason == "stop" and len(c.token_ids) == 3 and c.token_ids[-1] == im_end
+    assert "<|im_end|>" not in c.text and len(c.logprobs) == 3
+    assert c.logprobs[-1] == pytest.approx(0.0, abs=1e-3)  # the forced token had all the mass
+    # stopping at tokenizer.eos alone (the defect) runs to the length limit
+    assert eos_only.finish_reason == "length" and len(eos_only.token_ids) == 6
+
+
+def test_length_only_at_max_tokens(tiny, im_start_eos_tok):
+    model, _ = tiny
+    tok = im_start_eos_tok
+    stops = stop_token_ids(tok, model.generation_config)
+    with _logit_hook(model, stops, -1e4):  # no stop id can be sampled
+        outs = generate_completions(model, tok, PROMPTS, max_new_tokens=5, n=2, temperature=1.0, logprobs=True)
+    for row in outs:
+        for c in row:
+            assert c.finish_reason == "length" and len(c.token_ids) == 5 == len(c.logprobs)
+    with _logit_hook(model, [stops[-1]], 1e4, after_calls=1):  # a stop id right away, ignored on request
+        c = generate_completions(model, tok, PROMPTS[:1], max_new_tokens=4, ignore_eos=True)[0][0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 4
+
+
+def test_hf_generator_is_an_engine(tiny):
+    model, tok = tiny
+    eng = HFGenerator(model, tok, batch_size=2)
+    assert isinstance(eng, Engine)
+    outs = eng.generate(PROMPTS, n=2, temperature=1.0, max_tokens=4, seed=3)
+    assert len(outs) == 3 and all(len(r) == 2 and isinstance(r[0], Completion) for r in outs)
+    for c in (c for r in outs for c in r):
+        assert 1 <= len(c.token_ids) <= 4 and len(c.logprobs) == len(c.token_ids)
+        assert all(lp <= 0 for lp in c.logprobs)
+    ids = tok("1 + 2")["input_ids"]  # token-id prompts pass through
+    assert eng.generate([ids], max_tokens=4)[0][0].token_ids == eng.generate(["1 + 2"], max_tokens=4)[0][0].token_ids
+    name = "model.embed_tokens.weight"
+    assert eng.weight_checksum([name])[name] == pytest.approx(float(model.model.embed_tokens.weight.detach().sum()))
+    eng.sleep()
+    eng.wake_up()  # no-ops for an HF engine
+    with pytest.raises(NotImplementedError, match="vllm"):
+        eng.load_ipc({})

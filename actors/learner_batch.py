@@ -1,0 +1,134 @@
+"""The learner's batches: python lists in (cheap through the object store), tensors out.
+
+A batch is a dict of per-sample lists: prompt_ids, completion_ids, rollout_logprobs, advantages
+(and old_logprobs / ref_logprobs once computed). Two tensor layouts:
+
+- `collate`: one sequence per row, right padded [B, L] (the reference layout; tests use it);
+- `pack_micro_batch`: padding-free, the learner's layout. Sequences (prompt + completion) are laid
+  end to end in rows of at most `row_tokens` tokens (a longer sequence gets a row of its own; the
+  default capacity is the longest sequence, so attention never spans more than that),
+  position ids restart at 0 for each sequence, so transformers gives each sequence its own
+  block-causal attention, exactly as in the SFT pipeline's packed rows. Only the completion
+  positions are gathered for the head: `index` [N] is the flat position in [R * L] that predicts
+  each completion token, in sequence-major order, matching `mask` [S, C] row by row.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def make_batch(samples: list, advantages: list[float]) -> dict:
+    """Samples (actors.rollout.Sample) + one advantage each -> the learner's batch dict."""
+    if len(samples) != len(advantages):
+        raise ValueError(f"make_batch: {len(samples)} samples but {len(advantages)} advantages")
+    return {
+        "prompt_ids": [list(s.prompt_token_ids) for s in samples],
+        "completion_ids": [list(s.completion_token_ids) for s in samples],
+        "rollout_logprobs": [list(s.logprobs) for s in samples],
+        "advantages": [float(a) for a in advantages],
+    }
+
+
+def batch_size(batch: dict) -> int:
+    return len(batch["advantages"])
+
+
+def select(batch: dict, idx: list[int]) -> dict:
+    return {k: [v[i] for i in idx] for k, v in batch.items()}
+
+
+def shard(batch: dict, rank: int, world_size: int) -> dict:
+    """Rank `rank`'s share: every world_size-th sample (balances long and short completions)."""
+    return select(batch, list(range(rank, batch_size(batch), world_size)))
+
+
+def sequence_tokens(batch: dict, i: int) -> int:
+    return len(batch["prompt_ids"][i]) + len(batch["completion_ids"][i])
+
+
+def micro_batches(batch: dict, max_sequences: int, max_tokens: int = 0) -> list[list[int]]:
+    """Consecutive index groups of at most `max_sequences` sequences and, when max_tokens > 0, at
+    most `max_tokens` prompt + completion tokens (a longer sequence goes alone)."""
+    groups, cur, tokens = [], [], 0
+    for i in range(batch_size(batch)):
+        n = sequence_tokens(batch, i)
+        if cur and (len(cur) >= max_sequences or (max_tokens and tokens + n > max_tokens)):
+            groups.append(cur)
+            cur, tokens = [], 0
+        cur.append(i)
+        tokens += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _per_sequence(batch: dict) -> dict[str, torch.Tensor]:
+    """[S, C] completion mask and rollout logprobs, [S] advantages (C = longest completion)."""
+    C = [len(c) for c in batch["completion_ids"]]
+    S, Cmax = len(C), max(max(C, default=0), 1)
+    mask = torch.zeros(S, Cmax)
+    rollout_lp = torch.zeros(S, Cmax)
+    for s, c in enumerate(batch["completion_ids"]):
+        if c:
+            mask[s, :len(c)] = 1.0
+            rollout_lp[s, :len(c)] = torch.tensor(batch["rollout_logprobs"][s][:len(c)])
+    return {"mask": mask, "rollout_logprobs": rollout_lp,
+            "advantages": torch.tensor(batch["advantages"], dtype=torch.float32)}
+
+
+def collate(batch: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded tensors. input_ids [B, L] = prompt + completion; targets of position t is
+    input_ids[t + 1]. mask/old/rollout logprobs are [B, C] over completion positions (C = longest
+    completion), aligned with `completion_index` [B, C] = the position in input_ids that *predicts*
+    completion token c (prompt_len - 1 + c)."""
+    P = [len(p) for p in batch["prompt_ids"]]
+    C = [len(c) for c in batch["completion_ids"]]
+    B, L, Cmax = len(P), max(p + c for p, c in zip(P, C)), max(max(C), 1)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    index = torch.zeros(B, Cmax, dtype=torch.long)
+    targets = torch.full((B, Cmax), pad_id, dtype=torch.long)
+    for b, (p, c) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"])):
+        input_ids[b, :len(p)] = torch.tensor(p)
+        if c:
+            input_ids[b, len(p):len(p) + len(c)] = torch.tensor(c)
+            index[b, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+            targets[b, :len(c)] = torch.tensor(c)
+    return {"input_ids": input_ids, "index": index, "targets": targets, **_per_sequence(batch)}
+
+
+def pack_micro_batch(batch: dict, pad_id: int = 0, row_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """Padding-free rows (see the module docstring): input_ids / position_ids [R, L], index and
+    targets [N], and the per-sequence mask / rollout_logprobs [S, C], advantages [S].
+
+    row_tokens: a row's capacity; 0 = the longest sequence's length (short sequences share rows,
+    the longest fill one each: no row is longer than needed)."""
+    if row_tokens <= 0:
+        row_tokens = max(len(p) + len(c) for p, c in zip(batch["prompt_ids"], batch["completion_ids"]))
+    rows: list[list[int]] = []       # token ids of each row
+    where: list[tuple[int, int]] = []  # (row, offset) of the position predicting each completion token
+    for p, c in zip(batch["prompt_ids"], batch["completion_ids"]):
+        if not rows or len(rows[-1]) + len(p) + len(c) > row_tokens:
+            rows.append([])
+        off = len(rows[-1])
+        where += [(len(rows) - 1, off + len(p) - 1 + j) for j in range(len(c))]
+        rows[-1] += list(p) + list(c)
+    L = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(len(rows), L, dtype=torch.long)
+    r, off = 0, 0
+    for p, c in zip(batch["prompt_ids"], batch["completion_ids"]):  # the same walk: positions restart
+        n = len(p) + len(c)
+        if off + n > len(rows[r]):
+            r, off = r + 1, 0
+        position_ids[r, off:off + n] = torch.arange(n)
+        off += n
+    for i, ids in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        # the padding continues the row's last sequence: real tokens never attend to it (causal), and
+        # a row holding one sequence stays unpacked for transformers (SDPA's causal kernel, no mask)
+        last = int(position_ids[i, len(ids) - 1]) + 1
+        position_ids[i, len(ids):] = torch.arange(last, last + L - len(ids))
+    return {"input_ids": input_ids, "position_ids": position_ids,
+            "index": torch.tensor([i * L + o for i, o in where], dtype=torch.long),
+            "targets": torch.tensor([t for c in batch["completion_ids"] for t in c], dtype=torch.long),
+            **_per_sequence(batch)}

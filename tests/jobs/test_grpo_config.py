@@ -1,0 +1,49 @@
+"""GRPO job config checks that depend on the algorithm registries."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors import grpo_math as gm
+from jobs.config import ConfigError, load
+
+
+def _load(*overrides):
+    return load(__import__("jobs.grpo", fromlist=["GRPOJobConfig"]).GRPOJobConfig,
+                "jobs/configs/tiny-grpo.yaml", list(overrides))
+
+
+@pytest.fixture
+def batch_baseline_estimator():
+    """An estimator whose baseline is the batch mean (not the group): one sample per prompt is enough."""
+    name = "test_batch_mean"
+    if name not in gm.ADV_ESTIMATORS:
+        @gm.register_adv_est(name, min_group_size=1)
+        def _batch_mean(rewards, group_ids, eps=1e-6):
+            return (rewards - rewards.mean()).to(torch.float32)
+    return name
+
+
+def test_group_estimators_need_two_samples_per_prompt():
+    for est in ("grpo", "grpo_no_std", "rloo"):
+        assert gm.min_group_size(est) == 2
+        with pytest.raises((ConfigError, ValueError), match="rollout.n"):
+            _load(f"grpo.adv_estimator={est}", "rollout.n=1")
+
+
+def test_estimator_without_group_baseline_accepts_one_sample(batch_baseline_estimator):
+    """Fails on the old check (it compared adv_estimator with the policy-loss name 'reinforce',
+    so n=1 was refused for every estimator)."""
+    cfg = _load(f"grpo.adv_estimator={batch_baseline_estimator}", "rollout.n=1", "grpo.dynamic_sampling=false")
+    assert cfg.rollout.n == 1
+    with pytest.raises((ConfigError, ValueError), match="grpo.dynamic_sampling"):
+        _load(f"grpo.adv_estimator={batch_baseline_estimator}", "rollout.n=1", "grpo.dynamic_sampling=true")
+
+
+def test_policy_loss_reinforce_does_not_lift_the_group_requirement():
+    with pytest.raises((ConfigError, ValueError), match="rollout.n"):
+        _load("grpo.policy_loss=reinforce", "rollout.n=1")
+
+
+def test_kernels_section_reaches_the_config():
+    assert _load("kernels.mode=reference").kernels.mode == "reference"
