@@ -10,6 +10,14 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-gpu clean
 
 setup: $(VENV)/.installed
+	@# The code reward's sandbox needs bubblewrap: installed quietly when missing and possible (root, apt-get).
+	@# Never fails setup: without it code rewards refuse to run (unless sandbox: unsafe) and its tests skip.
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1; }; }; } || \
+	  echo "setup: bubblewrap (bwrap) is missing and was not installed (needs root and apt-get):" \
+	    "code rewards will refuse to run unless kwargs.sandbox: unsafe"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

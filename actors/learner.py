@@ -37,8 +37,10 @@ import torch.distributed as dist
 from actors import grpo_math as gm
 from actors.learner_batch import (batch_size, collate, make_batch, micro_batches, pack_micro_batch, select,
                                   shard)
+from kernels.config_fields import check_ranges
 from kernels.logprobs import chunked_logprobs, packed_logprobs, sequence_logprobs
 from kernels.model import ModelConfig
+from kernels.training import grad_norm_and_clip
 
 __all__ = ["GRPOConfig", "Learner", "batch_size", "chunked_logprobs", "collate", "logprob_mismatch",
            "make_batch", "packed_logprobs", "select", "sequence_logprobs", "shard"]
@@ -73,59 +75,43 @@ class GRPOConfig:
     num_learners, num_cpus, num_gpus: learner actors and their resources.
     """
 
-    prompts_per_step: int = 16
+    prompts_per_step: int = field(default=16, metadata={"min": 1})
     adv_estimator: str = "grpo"
     policy_loss: str = "clip"
     loss_agg: str = "token-mean"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    kl_coef: float = 0.0
+    eps_low: float = field(default=0.2, metadata={"min": 0, "lt": 1})
+    eps_high: float = field(default=0.28, metadata={"min": 0})
+    kl_coef: float = field(default=0.0, metadata={"min": 0})
     kl_estimator: str = "k3"
     log_kl: bool = True
-    lr: float = 1e-5
-    weight_decay: float = 0.0
+    lr: float = field(default=1e-5, metadata={"gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    ppo_epochs: int = 1
-    num_minibatches: int = 1
-    micro_batch_size: int = 64
-    micro_batch_tokens: int = 16384
-    pack_tokens: int = 0
-    logprob_chunk_size: int = 1024
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0})
+    ppo_epochs: int = field(default=1, metadata={"min": 1})
+    num_minibatches: int = field(default=1, metadata={"min": 1})
+    micro_batch_size: int = field(default=64, metadata={"min": 1})
+    micro_batch_tokens: int = field(default=16384, metadata={"min": 0, "note": "0 = no token limit"})
+    pack_tokens: int = field(default=0, metadata={"min": 0, "note": "0 = the micro-batch's longest sequence"})
+    logprob_chunk_size: int = field(default=1024, metadata={"min": 1})
     old_logprobs: Literal["learner", "rollout"] = "learner"
-    max_len_norm: int = 0
+    max_len_norm: int = field(default=0, metadata={"min": 0, "note": "0 = rollout.max_tokens"})
     dynamic_sampling: bool = True
-    max_refill_rounds: int = 2
+    max_refill_rounds: int = field(default=2, metadata={"min": 0})
     async_mode: Literal["off", "one_step"] = "off"
-    num_learners: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_learners: int = field(default=1, metadata={"min": 1})
+    num_cpus: float = field(default=1.0, metadata={"min": 0})
+    num_gpus: float = field(default=0.0, metadata={"min": 0})
 
     def __post_init__(self):
+        check_ranges(self, "grpo")
         for key, table in (("adv_estimator", gm.ADV_ESTIMATORS), ("policy_loss", gm.POLICY_LOSSES),
                            ("loss_agg", gm.LOSS_AGGS), ("kl_estimator", gm.KL_ESTIMATORS)):
             if getattr(self, key) not in table:
                 raise ValueError(f"grpo.{key}: unknown {getattr(self, key)!r}; accepted: {', '.join(sorted(table))}")
-        positive = ("prompts_per_step", "ppo_epochs", "num_minibatches", "micro_batch_size",
-                    "logprob_chunk_size", "num_learners")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ValueError(f"grpo.{key}: must be >= 1, got {getattr(self, key)}")
-        if not (0 <= self.eps_low < 1) or self.eps_high < 0:
-            raise ValueError(f"grpo.eps_low/eps_high: need 0 <= eps_low < 1 and eps_high >= 0, "
-                             f"got {self.eps_low}, {self.eps_high}")
-        if self.kl_coef < 0:
-            raise ValueError(f"grpo.kl_coef: must be >= 0, got {self.kl_coef}")
-        if self.lr <= 0:
-            raise ValueError(f"grpo.lr: must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ValueError(f"grpo.betas: expected two numbers, got {self.betas}")
-        for key in ("micro_batch_tokens", "pack_tokens"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"grpo.{key}: must be >= 0 (0 = see the docs), got {getattr(self, key)}")
-        if self.max_grad_norm < 0 or self.warmup_steps < 0 or self.max_len_norm < 0 or self.max_refill_rounds < 0:
-            raise ValueError("grpo.max_grad_norm, warmup_steps, max_len_norm, max_refill_rounds: must be >= 0")
         if self.num_minibatches > self.prompts_per_step:
             raise ValueError(f"grpo.num_minibatches ({self.num_minibatches}) cannot exceed "
                              f"grpo.prompts_per_step ({self.prompts_per_step})")
@@ -149,7 +135,7 @@ class Learner:
         from kernels.factory import build_training_model
         from kernels.model import torch_dtype
         from kernels.patch import KernelsConfig
-        from kernels.qlora import make_optimizer
+        from kernels.training import lr_lambda, make_optimizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -176,7 +162,10 @@ class Learner:
         fp32_on_gpu = self.device.type == "cuda" and torch_dtype(model_cfg, self.device) == torch.float32
         self.autocast = torch.bfloat16 if fp32_on_gpu else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        # the training core SFT uses (kernels/training.py): AdamW over the same parameter groups (no
+        # weight decay on norms and biases), linear warmup then a constant lr, clipping
+        self.opt = make_optimizer(self.model, "adamw", cfg.lr, 0.0, cfg.weight_decay, betas=tuple(cfg.betas))
+        self._schedule = lr_lambda("constant", cfg.warmup_steps, 0)
         self.step = 0
         self.group = None  # broadcast WeightGroup (rank 0 only)
         self._keepalive = None  # tensors whose CUDA IPC handles are out
@@ -271,8 +260,7 @@ class Learner:
     # -- update --------------------------------------------------------------------------
 
     def _lr(self) -> float:
-        w = self.cfg.warmup_steps
-        return self.cfg.lr * min(1.0, (self.step + 1) / w) if w else self.cfg.lr
+        return self.cfg.lr * self._schedule(self.step)
 
     def update(self, batch: dict) -> dict:
         """ppo_epochs x num_minibatches optimizer steps on this rank's shard; metrics averaged over
@@ -332,7 +320,9 @@ class Learner:
         params = gm.LossParams(eps_low=cfg.eps_low, eps_high=cfg.eps_high)
         stats: dict[str, tuple[float, float]] = {}
         tok_w_total = 0.0
-        acc: dict[str, float] = {}
+        # metrics stay on the device until the step ends: no host sync between micro-batches, so
+        # the next micro-batch's forward is queued while this one's backward runs
+        acc: dict[str, torch.Tensor] = {}
         for idx, t in self._micro_batches(part) if n_local else []:
             sub = select(part, idx)
             with self._amp():
@@ -345,23 +335,23 @@ class Learner:
                                    kl_estimator=cfg.kl_estimator, loss_agg=cfg.loss_agg,
                                    num_tokens=num_tokens, num_seqs=num_seqs, max_len=self.max_len_norm)
             loss.backward()
-            w = float(mask.sum())
+            w = float(sum(len(c) for c in sub["completion_ids"]))  # = mask.sum(), counted on the host
             tok_w_total += w
-            m["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
-            m["mismatch_kl"] = gm.kl_k3(t["rollout_logprobs"], lp.detach()).mul(mask).sum() / mask.sum().clamp(min=1)
+            m["entropy"] = (ent * mask).sum() / max(w, 1.0)
+            m["mismatch_kl"] = gm.kl_k3(t["rollout_logprobs"], lp.detach()).mul(mask).sum() / max(w, 1.0)
             for k, v in m.items():
                 if k != "policy_loss":
-                    acc[k] = acc.get(k, 0.0) + float(v) * w
-            acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
+                    acc[k] = acc.get(k, 0.0) + v.detach().double() * w
+            acc["loss"] = acc.get("loss", 0.0) + loss.detach().double()
         self._all_reduce_grads()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = grad_norm_and_clip(self.params, cfg.max_grad_norm)
         self.opt.step()
         self.step += 1
         for k, v in acc.items():
             if k == "loss":
-                stats[k] = (v, 1.0)  # already globally normalised: the sum is this rank's share
+                stats[k] = (float(v), 1.0)  # already globally normalised: the sum is this rank's share
             else:
-                stats[k] = (v / max(tok_w_total, 1e-12), tok_w_total)
+                stats[k] = (float(v) / max(tok_w_total, 1e-12), tok_w_total)
         stats["grad_norm"] = (float(grad_norm), 1.0)
         return stats
 
@@ -375,39 +365,14 @@ class Learner:
 
     @torch.no_grad()
     def merged_state(self, dtype: torch.dtype | None = None, only_changed: bool = True) -> dict[str, torch.Tensor]:
-        """Weights under the names of the plain HF model, LoRA folded in (W + scale * B @ A).
+        """Weights under the names of the plain HF model, LoRA folded in (W + scale * B @ A; an NF4
+        base dequantised first): kernels.merge.merged_lora_state, the one merge.
 
         only_changed: LoRA -> just the adapted layers (and modules_to_save); full -> everything.
         """
-        from peft.tuners.lora import LoraLayer
+        from kernels.merge import merged_lora_state
 
-        from kernels.model import base_model
-
-        if not self.is_lora:
-            return {k: (v.detach().to(dtype) if dtype else v.detach()) for k, v in self.model.state_dict().items()}
-        out: dict[str, torch.Tensor] = {}
-        inner = base_model(self.model)
-        for name, module in inner.named_modules():
-            if isinstance(module, LoraLayer):
-                w = module.get_base_layer().weight
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-                out[f"{name}.weight"] = (w + delta).to(dtype or w.dtype)
-        trained = {k for k, p in inner.named_parameters() if p.requires_grad and ".lora_" not in k}
-        for raw, k, v in self._plain_state(inner):
-            # modules_to_save (trainable embeddings / head) changed too; the rest only if asked
-            if raw in trained or (not only_changed and k not in out):
-                out[k] = v.to(dtype) if dtype else v
-        return out
-
-    @staticmethod
-    def _plain_state(inner) -> list[tuple[str, str, torch.Tensor]]:
-        """(PEFT name, plain HF name, tensor) of the inner model, without lora_* / original_module."""
-        out = []
-        for k, v in inner.state_dict(keep_vars=True).items():
-            if ".lora_" in k or "original_module" in k:
-                continue
-            out.append((k, k.replace(".base_layer", "").replace(".modules_to_save.default", ""), v.detach()))
-        return out
+        return merged_lora_state(self.model, dtype, only_changed)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
@@ -456,23 +421,18 @@ class Learner:
     # -- checkpoints ---------------------------------------------------------------------
 
     def save(self, path: str) -> str:
-        """Trainable tensors + optimizer + step (rank 0 writes; all ranks hold the same state)."""
+        """Trainable weights + optimizer + RNG + step, in the SFT checkpoint format
+        (kernels/training_state.py); rank 0 writes (all ranks hold the same state)."""
+        from kernels.training_state import save_training_state
+
         if self.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-            tmp = os.path.join(path, "learner.pt.tmp")
-            torch.save({"trainable": trainable, "optimizer": self.opt.state_dict(), "step": self.step}, tmp)
-            os.replace(tmp, os.path.join(path, "learner.pt"))
+            save_training_state(path, self.model, self.opt, None, {"step": self.step})
         return path
 
     def load(self, path: str) -> int:
-        state = torch.load(os.path.join(path, "learner.pt"), map_location=self.device, weights_only=False)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, v in state["trainable"].items():
-                params[n].copy_(v.to(params[n].device, params[n].dtype))
-        self.opt.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
+        from kernels.training_state import load_training_state
+
+        self.step = int(load_training_state(path, self.model, self.opt, None)["step"])
         return self.step
 
     def save_merged(self, path: str, tokenizer_dir: str | None = None) -> str:

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from kernels.config_fields import check_ranges
 from kernels.engine import Engine
 from kernels.generation import HFGenerator, Prompt, encode_prompts
 from kernels.model import LoraConfig, ModelConfig
@@ -49,39 +50,26 @@ class RolloutConfig:
     """
 
     backend: Literal["hf", "vllm"] = "hf"
-    num_workers: int = 1
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
+    num_workers: int = field(default=1, metadata={"min": 1})
+    n: int = field(default=8, metadata={"min": 1, "note": "samples per prompt"})
+    temperature: float = field(default=1.0, metadata={"min": 0})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1})
+    max_tokens: int = field(default=64, metadata={"min": 1})
     stop: list[str] = field(default_factory=list)
-    batch_size: int = 64
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    batch_size: int = field(default=64, metadata={"min": 1})
+    num_cpus: float = field(default=1.0, metadata={"min": 0})
+    num_gpus: float = field(default=0.0, metadata={"min": 0})
     placement: Literal["colocated", "separate"] = "colocated"
     sync: Literal["merged", "adapter"] = "merged"
     transport: Literal["auto", "object_store", "ipc", "broadcast"] = "auto"
-    gpu_memory_utilization: float = 0.4
+    gpu_memory_utilization: float = field(default=0.4, metadata={"gt": 0, "max": 1})
     enforce_eager: bool = True
-    max_model_len: int = 2048
+    max_model_len: int = field(default=2048, metadata={"min": 1})
     sleep_level: int = 1
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.num_workers < 1:
-            raise ValueError(f"rollout.num_workers: must be >= 1, got {self.num_workers}")
-        if self.n < 1:
-            raise ValueError(f"rollout.n: must be >= 1 (samples per prompt), got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"rollout.temperature: must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"rollout.max_tokens: must be >= 1, got {self.max_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"rollout.batch_size: must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"rollout.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        check_ranges(self, "rollout")
         if self.sleep_level not in (0, 1, 2):
             raise ValueError(f"rollout.sleep_level: expected 0 (never sleep), 1 or 2, got {self.sleep_level}")
         if self.backend == "hf" and self.transport == "ipc":

@@ -1,100 +1,102 @@
-"""Resumable training state: trainable weights (safetensors), optimizer, schedule, counters, RNG.
+"""Ray Train checkpoints: where each rank reads its checkpoint's files, which checkpoint a run
+resumes from, and how many are kept. The state itself (what a checkpoint holds, how it is written
+and read, whether a folder is intact) is kernels/training_state.py, shared with the GRPO learner;
+its names are re-exported here for the cluster layer.
 
-Only trainable parameters are saved (the LoRA adapter, or every weight for full fine-tuning):
-the frozen base is rebuilt from the config, which is deterministic.
+On a filesystem path (output_dir/checkpoints, or a shared mount as trainer.storage_path) the
+checkpoint folders themselves are the record, not Ray's snapshot of its checkpoint manager: Ray
+registers an uploaded checkpoint some time after the upload, so after a Ctrl-C, SIGTERM or a
+killed worker its snapshot misses the newest folders, which it then never prunes. So the driver
+resumes from the newest intact folder (`choose_resume`, a corrupt one is named and passed over),
+and rank 0 prunes after every checkpoint (`prune_checkpoints`), counting every folder of every
+attempt. Under a URI (s3://, gs://) Ray's snapshot and its num_to_keep stay in charge.
 """
 from __future__ import annotations
 
 import contextlib
-import json
+import glob
 import os
-import random
 import shutil
 import tempfile
+from typing import Callable
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from kernels.training_state import (STATE_FILE, checkpoint_problem, latest_checkpoint, load_training_state,
+                                    newest_intact, read_state, restore_rng, rng_state, save_training_state,
+                                    trainable_state, write_state)
 
-STATE_FILE = "trainer_state.json"
+__all__ = ["STATE_FILE", "checkpoint_files", "checkpoint_folders", "checkpoint_problem", "choose_resume",
+           "is_local_path", "last_saved", "latest_checkpoint", "load_training_state", "newest_intact",
+           "prune_checkpoints", "read_state", "restore_rng", "rng_state", "save_training_state",
+           "trainable_state", "write_state"]
 
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def rng_state() -> dict:
-    """The torch, numpy and Python random generators' states (restored by `restore_rng`)."""
-    return {"rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state(), "rng_python": random.getstate()}
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints (see module doc)
 
 
-def restore_rng(saved: dict) -> None:
-    torch.set_rng_state(saved["rng_torch"])
-    np.random.set_state(saved["rng_numpy"])
-    random.setstate(saved["rng_python"])
+def is_local_path(path: str) -> bool:
+    """A filesystem path (local or a mounted shared folder), not a URI such as s3://bucket/x."""
+    return "://" not in path or path.startswith("file://")
 
 
-def write_state(directory: str, state: dict) -> None:
-    """The counters (step, epoch, ...) as trainer_state.json."""
-    with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump(state, f, indent=2)
+def checkpoint_folders(root: str) -> list[str]:
+    """Ray Train's checkpoint folders under `root`, oldest first. Their names carry the time they
+    were written (checkpoint_2025-01-31_12-00-00.123456), so name order is write order, across
+    attempts."""
+    root = root[len("file://"):] if root.startswith("file://") else root
+    return sorted(d for d in glob.glob(os.path.join(root, "checkpoint_*")) if os.path.isdir(d))
 
 
-def save_training_state(directory: str, model, optimizer, scheduler, state: dict) -> None:
-    os.makedirs(directory, exist_ok=True)
-    save_file(trainable_state(model), os.path.join(directory, "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_state()},
-               os.path.join(directory, "optimizer.pt"))
-    write_state(directory, state)
-
-
-def read_state(directory: str) -> dict:
-    path = os.path.join(directory, STATE_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory}: not a training checkpoint (no {STATE_FILE})")
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_training_state(directory: str, model, optimizer, scheduler) -> dict:
-    state = read_state(directory)
-    if not os.path.exists(os.path.join(directory, "optimizer.pt")):
-        from cluster.deepspeed_strategy import DS_SUBDIR
-
-        if os.path.isdir(os.path.join(directory, DS_SUBDIR)):
-            raise ValueError(f"{directory}: written with trainer.strategy=deepspeed (DeepSpeed shards); "
-                             f"resume it with the same strategy, ZeRO stage and number of workers")
-        raise ValueError(f"{directory}: incomplete checkpoint (no optimizer.pt)")
-    weights = load_file(os.path.join(directory, "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ValueError(f"{directory}: checkpoint has parameters this model lacks "
-                         f"(first: {missing[:3]}); was it made with another model config?")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
-    extra = torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    restore_rng(extra)
-    return state
-
-
-def latest_checkpoint(root: str) -> str | None:
-    """The checkpoint folder with the highest step under `root` (searched two levels down)."""
-    best, best_step = None, -1
-    if not os.path.isdir(root):
+def _state_step(folder: str) -> int | None:
+    try:
+        return int(read_state(folder)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    for dirpath, dirnames, filenames in os.walk(root):
-        if STATE_FILE in filenames:
-            try:
-                step = read_state(dirpath).get("step", -1)
-            except (OSError, ValueError):
-                continue
-            if step > best_step:
-                best, best_step = dirpath, step
-    return best
+
+
+def prune_checkpoints(folders: list[str], keep: int, protect: tuple[str, ...] = (), current_step: int | None = None,
+                      step_of: Callable[[str], int | None] = _state_step) -> list[str]:
+    """Delete all but `keep` of `folders` (ordered oldest to newest, every attempt's); returns the
+    deleted ones. Kept first: the folders in `protect` (the one just written, the one resumed
+    from), then the newest others. Stale folders go first: those whose step does not read, or is
+    above `current_step` - left by an attempt that got further, passed over at resume because they
+    were not intact, and superseded now that this attempt writes its own."""
+    protect_set = {os.path.abspath(p) for p in protect if p}
+
+    def stale(f: str) -> bool:
+        step = step_of(f)
+        return step is None or (current_step is not None and step > current_step)
+
+    protected = [f for f in folders if os.path.abspath(f) in protect_set]
+    others = [f for f in reversed(folders) if os.path.abspath(f) not in protect_set]
+    order = protected + [f for f in others if not stale(f)] + [f for f in others if stale(f)]
+    doomed = order[max(keep, len(protected)):]
+    for f in doomed:
+        shutil.rmtree(f, ignore_errors=True)
+    return sorted(doomed)
+
+
+def choose_resume(root: str, keep: int, warn: Callable[[str], None] = print) -> str | None:
+    """Driver side, before Ray Train starts: the newest intact checkpoint under `root` (each newer
+    corrupt or torn one named by `warn` in one line and passed over), or None. Ray's snapshot is
+    dropped (its view lags the uploads and would point at an older folder) and the folders are
+    pruned to `keep`, the chosen one kept."""
+    folders = checkpoint_folders(root)
+    chosen = newest_intact(folders, on_skip=lambda f, why: warn(
+        f"checkpoint {f} is not intact ({why}); skipped, resuming from the one before it"))
+    snapshot = os.path.join(root, RAY_SNAPSHOT)
+    if os.path.exists(snapshot):
+        os.remove(snapshot)
+    prune_checkpoints(folders, keep, protect=(chosen,) if chosen else (),
+                      current_step=_state_step(chosen) if chosen else None)
+    return chosen
+
+
+def last_saved(folders: list[str]) -> tuple[int, str] | None:
+    """(step, folder) of the newest of `folders` whose counters read, for a one-line report."""
+    for f in reversed(folders):
+        step = _state_step(f)
+        if step is not None:
+            return step, f
+    return None
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ import numpy as np
 from cluster import packing, readers
 from cluster.formats import FORMATS, RowError, detect_format, to_messages, to_text, with_system_prompt
 from cluster.templates import BUILTIN_TEMPLATES, ChatEncoder, resolve_template
+from kernels.config_fields import check_ranges
 
 logger = logging.getLogger("posttrain.data")
 
@@ -73,29 +74,28 @@ class DataConfig:
 
     path: str = "builtin"
     eval_path: str = ""
-    eval_fraction: float = 0.0
+    eval_fraction: float = field(default=0.0, metadata={"min": 0, "lt": 1})
     format: Literal["auto", "alpaca", "sharegpt", "messages", "gsm8k", "prompt_completion", "text"] = "auto"
     chat_template: Literal["auto", "tokenizer", "chatml", "llama-3", "alpaca"] = "auto"
     system_prompt: str = ""
     train_on: Literal["assistant", "all"] = "assistant"
-    max_seq_len: int = 512
+    max_seq_len: int = field(default=512, metadata={"min": 8, "integer": True})
     packing: bool = True
     truncation: Literal["truncate", "drop"] = "truncate"
     on_bad_row: Literal["skip", "fail"] = "skip"
-    max_rows: int = 0
-    num_tokenizer_actors: int = 1
+    max_rows: int = field(default=0, metadata={"min": 0, "integer": True})
+    num_tokenizer_actors: int = field(default=1, metadata={"min": 1, "integer": True})
     shuffle: bool = True
     group_by_length: bool = True
-    builtin_train_size: int = 2000
-    builtin_eval_size: int = 200
+    builtin_train_size: int = field(default=2000, metadata={"min": 1, "integer": True})
+    builtin_eval_size: int = field(default=200, metadata={"min": 1, "integer": True})
 
     def __post_init__(self):
+        check_ranges(self, "data")
         if not isinstance(self.path, str) or not self.path.strip():
             raise ValueError(f"data.path: must be a non-empty path or 'builtin', got {self.path!r}")
         if not isinstance(self.eval_path, str):
             raise ValueError(f"data.eval_path: must be a string, got {self.eval_path!r}")
-        if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction!r}")
         if self.eval_path and self.eval_fraction:
             raise ValueError("data.eval_fraction: set data.eval_path or data.eval_fraction, not both "
                              f"(got eval_path={self.eval_path!r}, eval_fraction={self.eval_fraction})")
@@ -106,11 +106,6 @@ class DataConfig:
         _choice("on_bad_row", self.on_bad_row, ("skip", "fail"))
         if not isinstance(self.system_prompt, str):
             raise ValueError(f"data.system_prompt: must be a string, got {self.system_prompt!r}")
-        for name, low in (("max_seq_len", 8), ("max_rows", 0), ("num_tokenizer_actors", 1),
-                          ("builtin_train_size", 1), ("builtin_eval_size", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"data.{name}: must be an integer >= {low}, got {v!r}")
         for name in ("packing", "shuffle", "group_by_length"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"data.{name}: must be true or false, got {getattr(self, name)!r}")

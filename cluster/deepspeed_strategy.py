@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-DS_SUBDIR = "deepspeed"
+from kernels.config_fields import check_ranges
+from kernels.training_state import DS_SUBDIR
+
 DS_TAG = "state"
 
 
@@ -43,19 +45,15 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     overlap_comm: bool = True
-    reduce_bucket_size: int = 50_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
+    reduce_bucket_size: int = field(default=50_000_000, metadata={"min": 1})
+    stage3_prefetch_bucket_size: int = field(default=50_000_000, metadata={"min": 1})
+    stage3_param_persistence_threshold: int = field(default=100_000, metadata={"min": 0})
 
     def __post_init__(self):
+        check_ranges(self, "trainer.deepspeed")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("trainer.deepspeed.offload_params: needs zero_stage 3 (ZeRO-2 keeps whole "
                              "weights on every GPU)")
-        for name in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"trainer.deepspeed.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.stage3_param_persistence_threshold < 0:
-            raise ValueError("trainer.deepspeed.stage3_param_persistence_threshold: must be >= 0")
 
 
 def ds_config(ds: DeepSpeedConfig, *, micro_batch_size: int, grad_accum: int, world_size: int,
@@ -151,7 +149,7 @@ def save(directory: str, engine, model, state: dict, rank: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from cluster.checkpoint import rng_state, trainable_state, write_state
+    from kernels.training_state import rng_state, trainable_state, write_state
 
     os.makedirs(directory, exist_ok=True)
     engine.save_checkpoint(os.path.join(directory, DS_SUBDIR), tag=DS_TAG, save_latest=False,
@@ -168,7 +166,7 @@ def load(directory: str, engine) -> dict:
     """Restore weights, optimizer and schedule from `save`'s shards; returns the counters."""
     import torch
 
-    from cluster.checkpoint import read_state, restore_rng
+    from kernels.training_state import load_tensors, read_state, restore_rng
 
     state = read_state(directory)
     shards = os.path.join(directory, DS_SUBDIR)
@@ -180,5 +178,5 @@ def load(directory: str, engine) -> dict:
     if path is None:
         raise ValueError(f"{shards}: DeepSpeed could not load these shards (written by another "
                          f"number of workers or ZeRO stage?)")
-    restore_rng(torch.load(os.path.join(directory, "rng.pt"), map_location="cpu", weights_only=False))
+    restore_rng(load_tensors(os.path.join(directory, "rng.pt")))
     return state

@@ -1,9 +1,11 @@
 """Connecting a job's driver to Ray: the cluster in RAY_ADDRESS (a cluster, or `ray job submit`),
-else a local instance sized for the job. Used by every job that starts Ray (SFT/CPT, GRPO)."""
+else a local instance sized for the job. Used by every job that starts Ray (SFT/CPT, GRPO).
+`stop_on_signals` turns Ctrl-C and SIGTERM into `Interrupted`, which the jobs report in one line."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 
 # set for every task and actor of a job (through ray.init's runtime_env)
 JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -47,4 +49,38 @@ def init_ray(min_cpus: int = 1, num_cpus: int = 0, tag: str = "ray"):
                 print(f"[{tag}] Ray start timed out (busy machine?); retrying ({attempt + 1}/2)", flush=True)
                 ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if _stop_handlers_on:
+        _install_stop_handlers()  # ray.init replaced the SIGTERM handler with its own
     return ray
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the job. A KeyboardInterrupt, so no `except Exception` swallows it;
+    the job's main ends with one line and `exit_code` (128 + the signal: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.name, self.exit_code = signum, signal.Signals(signum).name, 128 + signum
+
+
+_stop_handlers_on = False
+
+
+def _raise_interrupted(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C or SIGTERM ends the process at once
+    raise Interrupted(signum)
+
+
+def _install_stop_handlers() -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _raise_interrupted)
+
+
+def stop_on_signals() -> None:
+    """From now on SIGINT and SIGTERM raise `Interrupted` in the main thread, and keep doing so after
+    `init_ray` (ray.init installs a SIGTERM handler of its own). Without this, Ray Train's SIGINT
+    handler exits 1 without a word, and SIGTERM ends the driver with Ray's native stack dump.
+    Call it from a job's main thread (the jobs' `main`)."""
+    global _stop_handlers_on
+    _stop_handlers_on = True
+    _install_stop_handlers()

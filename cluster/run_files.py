@@ -2,6 +2,9 @@
 
 metrics.jsonl holds one JSON object per optimizer step. On resume from step S the lines after S
 are dropped first, so a resumed run has no repeated or lost steps.
+
+config.yaml is the config the run's checkpoints were trained with: before a resume the job compares
+it with the new one (`config_changes`) and refuses a change of a training-relevant key.
 """
 from __future__ import annotations
 
@@ -9,6 +12,9 @@ import json
 import math
 import os
 import time
+from typing import Iterable
+
+import yaml
 
 
 def _clean(v):
@@ -17,6 +23,34 @@ def _clean(v):
     if hasattr(v, "item"):
         return _clean(v.item())
     return v
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict, allowed: Iterable[str] = ()) -> list[str]:
+    """'key: old -> new' for each dotted key whose value differs between two configs (as written to
+    config.yaml), leaving out the keys in `allowed` and everything under an allowed section
+    ("eval" allows "eval.max_problems"). A key only one side has (a field added since) is no change."""
+    allowed = tuple(allowed)
+    # through YAML, so both sides compare as config.yaml holds them (tuples as lists, ...)
+    old = _flatten(yaml.safe_load(yaml.safe_dump(saved)) or {})
+    new = _flatten(yaml.safe_load(yaml.safe_dump(current)) or {})
+    out = []
+    for key in sorted(old.keys() & new.keys()):
+        if any(key == a or key.startswith(a + ".") for a in allowed):
+            continue
+        if old[key] != new[key]:
+            out.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return out
 
 
 class RunFiles:
@@ -49,6 +83,16 @@ class RunFiles:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, self.metrics_path)
+
+    def read_config(self) -> dict | None:
+        """The run's config.yaml as a dict, or None when there is none (or it does not parse)."""
+        path = self.path("config.yaml")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def write_summary(self, summary: dict) -> None:
         existing = self.read_summary()

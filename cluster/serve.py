@@ -6,8 +6,9 @@
     serve deploy serve.yaml   # from `posttrain serve ... --emit-config serve.yaml`
 
 Endpoints (hf engine): GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions (SSE with "stream": true). Errors are OpenAI-style JSON with 4xx
-codes; nothing a client sends can take a replica down (cluster/serve_http.py: the routes;
+POST /v1/chat/completions (SSE with "stream": true). Errors are OpenAI-style JSON (a body over
+max_request_bytes: 413; a field we do not implement: 400); nothing a client sends can take a
+replica down or hold up the others (cluster/serve_http.py: the routes;
 serve_openai.py: the wire format; serve_engines.py: the engines). Engines: hf (transformers,
 CPU or 1 GPU), vllm-async (vLLM's AsyncLLMEngine behind the same app), and vllm: Ray's own
 `ray.serve.llm.build_openai_app` (cluster/serve_vllm.py).
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cluster.serve_http import make_app
+from cluster.serve_openai import DEFAULT_MAX_REQUEST_BYTES
 
 IMPORT_PATH = "cluster.serve:app_builder"
 GENERIC_DIR_NAMES = {"merged", "adapter", "model", "final", "checkpoint", "merged-4bit"}
@@ -66,6 +68,7 @@ class ServeConfig:
     api_key / api_key_env: require `Authorization: Bearer <key>` (the env var is read on the
         replica, so the key need not be written into a config file).
     max_model_len: prompt + completion token limit (0: the model's max_position_embeddings).
+    max_request_bytes: larger request bodies are answered 413 unread (hf, vllm-async engines).
     num_cpus / num_gpus: per replica (vllm engines: GPUs = tensor_parallel_size).
     engine_kwargs: extra vLLM engine arguments. env_vars: environment of the model replicas.
     """
@@ -82,6 +85,7 @@ class ServeConfig:
     api_key: str = ""
     api_key_env: str = ""
     max_model_len: int = 0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     max_ongoing_requests: int = 32
@@ -115,6 +119,12 @@ class ServeConfig:
             raise ValueError("api_key and api_key_env: set one of them, not both")
         if self.max_model_len < 0:
             raise ValueError(f"max_model_len: must be >= 0 (0 = the model's limit), got {self.max_model_len}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes: must be >= 1024 (default {DEFAULT_MAX_REQUEST_BYTES}), "
+                             f"got {self.max_request_bytes}")
+        if self.engine == "vllm" and self.max_request_bytes != DEFAULT_MAX_REQUEST_BYTES:
+            raise ValueError("max_request_bytes: the vllm engine (Ray's ray.serve.llm app) does not "
+                             "apply it; use engine=vllm-async, or limit body size in front of Serve")
         if self.max_ongoing_requests < 1:
             raise ValueError(f"max_ongoing_requests: must be >= 1, got {self.max_ongoing_requests}")
         if self.num_cpus < 0:
@@ -241,7 +251,7 @@ class OpenAIServer:
                                    max_model_len=cfg.max_model_len)
 
     def __serve_build_asgi_app__(self):
-        return make_app(self)
+        return make_app(self, max_request_bytes=self.cfg.max_request_bytes)
 
     def check_health(self):
         if self.engine is None:

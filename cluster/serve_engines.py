@@ -19,6 +19,7 @@ in cluster/serve_vllm.py. vLLM is imported only when one of these is asked for.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -162,10 +163,17 @@ class _Decode:
 
 class _Text:
     """The tokenizer side shared by the engines: kernels.generation's chat rendering, prompt
-    encoding, decoding and stop ids (`stop_ids`, set by each engine)."""
+    encoding, decoding and stop ids (`stop_ids`, set by each engine).
+
+    `encode` tokenises on a thread of its own, so a long prompt never holds the event loop (the
+    fast tokenizer releases the GIL); one thread, because a fast tokenizer must not be called
+    from several threads at once. `max_token_chars` bounds the characters one token covers, so
+    a prompt far over the context is refused from its length before any tokenisation.
+    """
 
     tokenizer = None
     stop_ids: list[int] | tuple = ()
+    _tok_pool: ThreadPoolExecutor | None = None
 
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
@@ -175,6 +183,20 @@ class _Text:
 
     def encode_text(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text)
+
+    async def encode(self, prompt: str | list[dict]) -> list[int]:
+        """encode_text (a string) or encode_chat (messages), off the event loop."""
+        if self._tok_pool is None:
+            self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tok_pool, encode_prompt, self.tokenizer, prompt)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token string of the vocabulary: no token covers more characters of the
+        text (byte-level and SentencePiece tokens spell one character per byte or character)."""
+        vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return max([len(t) for t in vocab if t] + [1])
 
     def decode(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids)
@@ -232,6 +254,8 @@ class HFEngine(_Text):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._tok_pool is not None:
+            self._tok_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class VLLMAsyncEngine(_Text):

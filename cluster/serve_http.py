@@ -3,20 +3,51 @@
 `make_app(server)` needs only `server.engine` (a cluster.serve_engines.HFEngine or anything with
 its methods), `server.model_id` and `server.api_key`, so tests drive it with starlette's
 TestClient as well as through Ray Serve. Order of checks on every model route: API key (401),
-body (400), model name (404), prompt length against max_model_len (400), then generation.
-Any unexpected exception becomes a 500 JSON body; the replica keeps serving.
+body size against max_request_bytes (413: from Content-Length, else while reading), body (400),
+model name (404), prompt length against max_model_len (400: first from its character count,
+which needs no tokenisation, then in tokens), then generation.
+
+Nothing of one request holds the event loop for long: the body is bounded, tokenisation runs
+on the engine's tokenizer thread, decode steps on its model thread. Any unexpected exception
+becomes a 500 JSON body; the replica keeps serving.
 """
 import functools
 import hmac
 import time
 
 from cluster.serve_openai import (
-    ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, chat_chunk, chat_response,
-    completion_chunk, completion_response, error_body, model_card, new_id, parse_request, sse,
-    usage, usage_chunk,
+    DEFAULT_MAX_REQUEST_BYTES, ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request,
+    chat_chunk, chat_response, completion_chunk, completion_response, error_body, model_card,
+    new_id, parse_request, sse, too_large, usage, usage_chunk,
 )
 
 DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default max_tokens for /v1/completions
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to exceed `limit` bytes: from Content-Length
+    before anything is read, else while reading (a chunked upload)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            size = int(length)
+        except ValueError:
+            raise bad_request(f"Content-Length header: expected a number of bytes, got {length[:40]!r}",
+                              param="Content-Length") from None
+        if size > limit:
+            raise too_large(limit, size)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def internal_error(e: BaseException) -> dict:
+    return error_body(f"internal error: {type(e).__name__}: {e}", type="server_error",
+                      code="internal_error")
 
 
 def _guard(fn):
@@ -30,16 +61,19 @@ def _guard(fn):
         except OpenAIError as e:
             return JSONResponse(e.body(), status_code=e.status)
         except Exception as e:  # noqa: BLE001 - the replica must survive whatever a request does
-            return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
-                                           type="server_error", code="internal_error"), status_code=500)
+            return JSONResponse(internal_error(e), status_code=500)
     return wrapper
 
 
 class _Handlers:
     """Request handling shared by the chat and completion endpoints."""
 
-    def __init__(self, server):
+    def __init__(self, server, max_request_bytes: int):
         self.s = server
+        self.max_request_bytes = max_request_bytes
+
+    async def body(self, request, cls):
+        return parse_request(cls, await read_body(request, self.max_request_bytes))
 
     def check_key(self, request) -> None:
         key = self.s.api_key
@@ -58,6 +92,18 @@ class _Handlers:
             raise OpenAIError(404, f"The model {name!r} does not exist; this server serves "
                                    f"{self.s.model_id!r}.", param="model", code="model_not_found")
         return self.s.model_id
+
+    def check_chars(self, n_chars: int, param: str) -> None:
+        """400 for a text that cannot fit max_model_len whatever it tokenises to (no token covers
+        more than engine.max_token_chars characters); checked before tokenising it."""
+        engine = self.s.engine
+        limit, per_token = engine.max_model_len, engine.max_token_chars
+        if n_chars > limit * per_token:
+            raise bad_request(
+                f"This model's maximum context length (max_model_len) is {limit} tokens, but the "
+                f"{param} has {n_chars} characters, more than {limit} tokens can hold (at most "
+                f"{per_token} characters each). Shorten the {param}.", param=param,
+                code="context_length_exceeded")
 
     def budget(self, n_prompt: int, requested: int | None, default: int | None, param: str) -> int:
         """max_tokens for this prompt, or a 400 naming max_model_len."""
@@ -88,14 +134,16 @@ class _Handlers:
         from starlette.responses import JSONResponse, StreamingResponse
 
         self.check_key(request)
-        req = parse_request(ChatCompletionRequest, await request.body())
+        req = await self.body(request, ChatCompletionRequest)
         model = self.check_model(req.model)
         engine = self.s.engine
         if not engine.has_chat_template():
             raise bad_request("this model's tokenizer has no chat template; use /v1/completions",
                               param="messages")
+        chat = req.chat()
+        self.check_chars(sum(len(m["content"]) for m in chat), "messages")
         try:
-            ids = engine.encode_chat(req.chat())
+            ids = await engine.encode(chat)
         except Exception as e:  # noqa: BLE001 - template errors are the request's fault
             raise bad_request(f"messages could not be rendered with the chat template: {e}",
                               param="messages") from None
@@ -127,33 +175,36 @@ class _Handlers:
             if include_usage:
                 yield sse(usage_chunk(rid, model, created, "chat.completion.chunk", usage(len(ids), total)))
         except Exception as e:  # noqa: BLE001 - headers are sent; report in-band
-            yield sse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
+            yield sse(internal_error(e))
         yield sse("[DONE]")
 
     # -- completions ----------------------------------------------------------------------
-    def encode_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        engine, out = self.s.engine, []
+    async def encode_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[int]]:
+        """Token ids of each prompt and its max_tokens; length checks before the costly steps."""
+        engine, out, budgets = self.s.engine, [], []
         for p in req.prompts():
             if isinstance(p, str):
-                out.append(engine.encode_text(p))
+                self.check_chars(len(p), "prompt")
+                ids = await engine.encode(p)
             elif isinstance(p, list) and all(isinstance(t, int) for t in p):
-                if any(t < 0 or t >= engine.vocab_size for t in p):
-                    raise bad_request(f"prompt token ids must be in [0, {engine.vocab_size})", param="prompt")
-                out.append(list(p))
+                ids = list(p)
             else:
                 raise bad_request("prompt must be a string, a list of strings, or token ids",
                                   param="prompt")
-        return out
+            budgets.append(self.budget(len(ids), req.requested_max_tokens(),
+                                       DEFAULT_COMPLETION_TOKENS, "prompt"))
+            if not isinstance(p, str) and any(t < 0 or t >= engine.vocab_size for t in ids):
+                raise bad_request(f"prompt token ids must be in [0, {engine.vocab_size})", param="prompt")
+            out.append(ids)
+        return out, budgets
 
     async def completions(self, request):
         from starlette.responses import JSONResponse, StreamingResponse
 
         self.check_key(request)
-        req = parse_request(CompletionRequest, await request.body())
+        req = await self.body(request, CompletionRequest)
         model = self.check_model(req.model)
-        prompts = self.encode_prompts(req)
-        budgets = [self.budget(len(ids), req.requested_max_tokens(), DEFAULT_COMPLETION_TOKENS, "prompt")
-                   for ids in prompts]
+        prompts, budgets = await self.encode_prompts(req)
         rid = new_id("cmpl")
         if req.stream:
             return StreamingResponse(self._completion_stream(rid, model, req, prompts, budgets),
@@ -184,19 +235,20 @@ class _Handlers:
             if req.include_usage():
                 yield sse(usage_chunk(rid, model, created, "text_completion", usage(n_prompt, total)))
         except Exception as e:  # noqa: BLE001
-            yield sse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
+            yield sse(internal_error(e))
         yield sse("[DONE]")
 
 
-def make_app(server):
-    """The FastAPI app of one replica. `server` has .engine, .model_id, .api_key."""
+def make_app(server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+    """The FastAPI app of one replica. `server` has .engine, .model_id, .api_key; a request
+    body over `max_request_bytes` is answered 413 without being read further."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import JSONResponse
 
     app = FastAPI(title="ray-posttrain", docs_url=None, redoc_url=None, openapi_url=None)
-    h = _Handlers(server)
+    h = _Handlers(server, max_request_bytes)
     created = int(time.time())
 
     @app.exception_handler(StarletteHTTPException)
@@ -208,6 +260,10 @@ def make_app(server):
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
         return JSONResponse(error_body(f"invalid request: {exc.errors()[:1]}"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):     # whatever escapes the routes' _guard: still JSON
+        return JSONResponse(internal_error(exc), status_code=500)
 
     @app.get("/health")
     async def health():

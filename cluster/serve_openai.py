@@ -1,7 +1,8 @@
 """The OpenAI wire format of the serving app: request schemas, errors, response and SSE chunks.
 
 No Ray and no torch here, so every rule of the HTTP contract has fast unit tests:
-- requests are pydantic models; a bad field becomes a 400 whose `param` names the field;
+- requests are pydantic models; a bad field becomes a 400 whose `param` names the field, and
+  so does a field we do not implement (never ignored: see NOOP_VALUES);
 - every error body is `{"error": {"message", "type", "param", "code"}}` (what the official
   clients parse into `openai.BadRequestError` & co.);
 - `StopText` turns a growing decoded string into safe-to-send deltas: text that could still
@@ -9,6 +10,7 @@ No Ray and no torch here, so every rule of the HTTP contract has fast unit tests
 """
 from __future__ import annotations
 
+import difflib
 import json
 import time
 import uuid
@@ -41,10 +43,64 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return OpenAIError(400, message, param=param, code=code)
 
 
+def too_large(limit: int, size: int | None = None) -> OpenAIError:
+    """413: the body is over max_request_bytes (`size` when Content-Length told it)."""
+    what = f"is {size} bytes" if size is not None else "is larger"
+    return OpenAIError(413, f"request body {what}; this server accepts at most {limit} bytes "
+                            f"(max_request_bytes)", code="request_too_large")
+
+
 # ---------------------------------------------------------------------------------------------
-# Requests. Unknown fields are accepted and ignored (clients send vendor extras); fields whose
-# meaning we would silently change are rejected in `unsupported()`.
+# Requests. One rule: a field we do not implement is refused, never ignored. Accepted are the
+# fields declared below (what we implement), and the OpenAI fields of NOOP_VALUES at a value that
+# asks for nothing we skip (e.g. presence_penalty 0, response_format {"type": "text"}), which
+# clients may send explicitly. Any other value of those is a 400 `unsupported_parameter`; a field
+# that is neither (a typo such as "tempreature", a vendor extra) is a 400 `unknown_parameter`.
 # ---------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024     # ServeConfig.max_request_bytes
+
+# OpenAI request fields this server does not implement -> the values that mean "not used".
+NOOP_VALUES: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+    "suffix": (None, ""), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "functions": (None, []), "function_call": (None, "none"),
+    "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+    "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
+}
+# ... and in a chat message: what clients echo back from a response's message.
+MESSAGE_NOOP_VALUES: dict[str, tuple] = {
+    "name": (None,), "refusal": (None,), "tool_calls": (None, []), "tool_call_id": (None,),
+    "function_call": (None,), "audio": (None,), "annotations": (None, []),
+}
+
+
+def _same(a, b) -> bool:
+    """a == b, except that booleans equal only booleans (logprobs 0 is not logprobs false)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def _refuse_extras(extra: dict, known: set[str], noop: dict[str, tuple], where: str = "") -> None:
+    """400 for the first field of `extra` (what the schema does not declare) we would ignore."""
+    for key, val in extra.items():
+        param = f"{where}{key[:80]}"
+        if key in noop:
+            if not any(_same(val, ok) for ok in noop[key]):
+                raise bad_request(f"{param}: {json.dumps(val)[:80]} is not supported by this server "
+                                  f"(accepted only as {' or '.join(json.dumps(v) for v in noop[key])})",
+                                  param=param, code="unsupported_parameter")
+            continue
+        near = difflib.get_close_matches(key, sorted(known | set(noop)), n=1) if len(key) <= 80 else []
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise bad_request(f"{param}: unknown field{hint}; this server refuses fields it does not "
+                          f"implement rather than ignore them", param=param, code="unknown_parameter")
+
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -77,15 +133,18 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
     def unsupported(self) -> None:
-        extra = self.model_extra or {}
-        for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias"):
-            val = extra.get(key)
-            if val not in (None, False, 0, [], {}):
-                raise bad_request(f"{key!r} is not supported by this server", param=key,
-                                  code="unsupported_parameter")
-        best_of = extra.get("best_of")
-        if best_of not in (None, 1) and best_of != self.n:
-            raise bad_request("'best_of' is not supported by this server", param="best_of",
+        """400 naming the first field we would otherwise ignore (see NOOP_VALUES)."""
+        known = set(type(self).model_fields)
+        extra = dict(self.model_extra or {})
+        best_of = extra.pop("best_of", None)
+        if best_of not in (None, 1, self.n):
+            raise bad_request("best_of: only 1 or n is supported by this server", param="best_of",
+                              code="unsupported_parameter")
+        _refuse_extras(extra, known, NOOP_VALUES)
+        bad = sorted(set(self.stream_options or {}) - {"include_usage"})
+        if bad:
+            raise bad_request(f"stream_options.{bad[0]}: not supported by this server (accepted: "
+                              f"include_usage)", param=f"stream_options.{bad[0]}",
                               code="unsupported_parameter")
 
 
@@ -121,6 +180,12 @@ class ChatCompletionRequest(_Sampling):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        for i, m in enumerate(self.messages):
+            _refuse_extras(dict(m.model_extra or {}), set(ChatMessage.model_fields),
+                           MESSAGE_NOOP_VALUES, where=f"messages.{i}.")
 
 
 class CompletionRequest(_Sampling):

@@ -15,10 +15,11 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from cluster.deepspeed_strategy import DeepSpeedConfig
+from kernels.config_fields import check_ranges
 from kernels.model import ModelConfig
 
 log = logging.getLogger("posttrain.train")
@@ -41,7 +42,9 @@ class TrainConfig:
     eval_every: steps between eval-loss passes (0 = only at the end, if there is an eval split).
     early_stopping_patience: stop after this many evals without improvement by early_stopping_min_delta (0 = off).
     checkpoint_every: steps between checkpoints (0 = only at the end); keep_checkpoints kept.
-    resume: auto (continue from the latest checkpoint in output_dir) | never; resume_from: a checkpoint folder.
+    resume: auto (continue from the newest intact checkpoint in output_dir; refused when the training
+      config differs from the run's config.yaml) | never | force (continue even with a changed
+      config; docs/reliability.md); resume_from: a checkpoint folder to start from.
     optimizer: adamw | adamw_8bit (bitsandbytes, GPU).
     max_failures: worker-group restarts from the last checkpoint before the run fails.
     storage_path: where checkpoints persist (shared filesystem or URI for multi-node); default output_dir/checkpoints.
@@ -53,49 +56,37 @@ class TrainConfig:
         start line, where unsupported (DDP/DeepSpeed, offloaded checkpointing, sliding windows).
     """
 
-    num_workers: int = 1
+    num_workers: int = field(default=1, metadata={"min": 1})
     use_gpu: bool = False
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    embedding_lr: float = 0.0
-    weight_decay: float = 0.0
+    micro_batch_size: int = field(default=4, metadata={"min": 1})
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    lr: float = field(default=2e-4, metadata={"gt": 0})
+    embedding_lr: float = field(default=0.0, metadata={"min": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    num_epochs: int = 1
-    eval_every: int = 0
-    early_stopping_patience: int = 0
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    min_lr_ratio: float = field(default=0.0, metadata={"range": (0, 1)})
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0})
+    num_epochs: int = field(default=1, metadata={"min": 1})
+    eval_every: int = field(default=0, metadata={"min": 0})
+    early_stopping_patience: int = field(default=0, metadata={"min": 0})
     early_stopping_min_delta: float = 0.0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    resume: Literal["auto", "never"] = "auto"
+    checkpoint_every: int = field(default=0, metadata={"min": 0})
+    keep_checkpoints: int = field(default=2, metadata={"min": 1})
+    resume: Literal["auto", "never", "force"] = "auto"
     resume_from: str = ""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    max_failures: int = 0
+    max_failures: int = field(default=0, metadata={"min": 0})
     storage_path: str = ""
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = field(default=1, metadata={"min": 1})
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
-    log_every: int = 1
+    log_every: int = field(default=1, metadata={"min": 1})
     cuda_graphs: bool = True
 
     def __post_init__(self):
-        positive = ["num_workers", "micro_batch_size", "grad_accum", "num_epochs", "keep_checkpoints",
-                    "cpus_per_worker", "log_every"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"trainer.lr: must be > 0, got {self.lr}")
-        for name in ["warmup_steps", "eval_every", "early_stopping_patience", "checkpoint_every",
-                     "max_failures", "embedding_lr", "weight_decay", "max_grad_norm"]:
-            if getattr(self, name) < 0:
-                raise ValueError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"trainer.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        check_ranges(self, "trainer")
         if self.resume_from and not os.path.isdir(self.resume_from):
             raise ValueError(f"trainer.resume_from: {self.resume_from!r} is not a folder")
 
@@ -121,12 +112,34 @@ def storage_root(spec: TrainSpec) -> str:
     return spec.train.storage_path or os.path.join(os.path.abspath(spec.output_dir), "checkpoints")
 
 
+def checkpoint_root(train: TrainConfig, output_dir: str) -> str:
+    """The folder of a run's Ray Train checkpoints: <storage_path or output_dir/checkpoints>/train."""
+    return os.path.join(train.storage_path or os.path.join(os.path.abspath(output_dir), "checkpoints"), "train")
+
+
 def fit(spec: TrainSpec, train_ds, eval_ds=None):
-    """Run training on Ray Train; return the final `ray.train.Result`."""
+    """Run training on Ray Train; return the final `ray.train.Result`.
+
+    On a filesystem storage path the resume point is chosen here, before the workers start: the
+    newest intact checkpoint of any earlier attempt (a corrupt one is named and passed over), and
+    the folders are pruned to keep_checkpoints; rank 0 prunes again after every checkpoint
+    (cluster/checkpoint.py says why Ray's own bookkeeping is not used for either).
+    """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cluster.checkpoint import RAY_SNAPSHOT, choose_resume, is_local_path
+
+    root = checkpoint_root(spec.train, spec.output_dir)
+    local = is_local_path(root)
+    if local and spec.train.resume == "never":
+        if os.path.exists(os.path.join(root, RAY_SNAPSHOT)):
+            os.remove(os.path.join(root, RAY_SNAPSHOT))  # or Ray would resume from its snapshot
+    elif local:
+        chosen = choose_resume(root, spec.train.keep_checkpoints, warn=lambda m: _say(f"[train] warning: {m}"))
+        if chosen:
+            spec = replace(spec, train=replace(spec.train, resume_from=chosen))
     datasets = {"train": train_ds}
     if eval_ds is not None:
         datasets["eval"] = eval_ds
@@ -140,11 +153,37 @@ def fit(spec: TrainSpec, train_ds, eval_ds=None):
         run_config=RunConfig(
             name="train", storage_path=storage_root(spec),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)),
+            # on a filesystem path rank 0 prunes (every attempt's folders); Ray deletes none
+            checkpoint_config=CheckpointConfig(num_to_keep=None if local else spec.train.keep_checkpoints)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=exec_opts),
     )
-    return trainer.fit()
+    return _fit_off_main_thread(trainer.fit)
+
+
+def _fit_off_main_thread(run):
+    """`run()` (TorchTrainer.fit) on a helper thread while the main thread waits. On the main thread
+    Ray Train installs its own SIGINT handler, which aborts the run and exits 1 without a word;
+    here Ctrl-C and SIGTERM reach the job's handlers (cluster.ray_session.stop_on_signals)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return run()
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = run()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            out["error"] = e
+
+    t = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)  # short waits: a signal handler runs between them
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -185,9 +224,10 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
     import torch
     import torch.distributed as dist
 
-    from cluster.checkpoint import checkpoint_files, load_training_state, save_training_state
+    from cluster.checkpoint import (checkpoint_files, checkpoint_folders, is_local_path, load_training_state,
+                                    newest_intact, prune_checkpoints, save_training_state)
     from cluster.run_files import RunFiles
-    from cluster.train_step import (LossForward, accumulate_step, collate, grad_norm_and_clip,
+    from kernels.training import (LossForward, accumulate_step, collate, grad_norm_and_clip,
                                     lr_lambda, make_optimizer)
 
     spec: TrainSpec = config["spec"]
@@ -245,7 +285,13 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
     gc.freeze()
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_eval": None, "evals_without_gain": 0}
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    ckpt_root = checkpoint_root(tc, spec.output_dir)
+    local_ckpts = is_local_path(ckpt_root)
+    if ckpt is not None and local_ckpts:
+        # a restart within this run (trainer.max_failures): the newest intact folder, as fit() chose
+        # at the start (Ray's latest registered checkpoint can lag the uploads, or be pruned)
+        resume = contextlib.nullcontext(newest_intact(checkpoint_folders(ckpt_root)) or tc.resume_from or None)
+    elif ckpt is not None:
         resume = checkpoint_files(ckpt, rank)
     else:
         resume = contextlib.nullcontext(tc.resume_from or None)
@@ -257,7 +303,8 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
             else:
                 state.update(load_training_state(resume_dir, model, optimizer, scheduler))
             if rank == 0:
-                _say(f"[train] resumed from step {state['step']} ({ckpt.path if ckpt else resume_dir})")
+                _say(f"[train] resumed from step {state['step']} "
+                     f"({ckpt.path if ckpt is not None and not local_ckpts else resume_dir})")
     if files is not None:
         files.truncate_metrics_after(state["step"])
 
@@ -288,10 +335,14 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
             if engine is not None:  # every rank writes its shards; Ray merges the folders
                 dss.save(tmp, engine, model, dict(state), rank)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                return
-            if rank == 0:
-                save_training_state(tmp, model, optimizer, scheduler, dict(state))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+            else:
+                if rank == 0:
+                    save_training_state(tmp, model, optimizer, scheduler, dict(state))
+                ray.train.report(metrics,
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        if rank == 0 and local_ckpts:  # uploaded (the newest folder): keep keep_checkpoints of every attempt
+            folders = checkpoint_folders(ckpt_root)
+            prune_checkpoints(folders, tc.keep_checkpoints, protect=tuple(folders[-1:]), current_step=state["step"])
 
     if rank == 0:
         _say(f"[train] {world} worker(s) on {device.type}; {spec.total_steps} steps "

@@ -2,8 +2,9 @@
 
 Each layer owns its dataclasses (kernels.model.ModelConfig, cluster.data.DataConfig, ...); this
 module only assembles them and checks what the dataclasses cannot check themselves:
-unknown keys (with the closest valid names suggested), types, and `Literal[...]` choices.
-Range checks live in each dataclass's `__post_init__`.
+unknown keys (with the closest valid names suggested), types, `Literal[...]` choices, and keys
+given twice in one YAML mapping. Range checks live in each dataclass (field metadata read by
+kernels.config_fields.check_ranges in `__post_init__`).
 
 `parse_job_args` is the one command-line parser of the jobs: `[TARGET] [CONFIG.yaml] [key.sub=value ...]`.
 """
@@ -161,12 +162,40 @@ def merge_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first}); "
+                         f"give each key once (YAML would keep only the last)")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides are meant
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: SafeLoader reports it below
+                    continue
+                if seen:
+                    raise _DuplicateKey(key, line, first[key])
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str) -> dict:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:

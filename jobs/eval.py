@@ -48,12 +48,15 @@ def _vllm_model_dir(target: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from cluster.evaluate import EvalConfig, evaluate
     from jobs.config import ConfigError, load
+    from jobs.preflight import preflight_eval
 
     try:
         args = parse_args(argv)
         cfg = load(EvalConfig, args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if preflight_eval(cfg, args.target, args.options.out, args.options.base):
         return 2
     if not os.path.isdir(args.target):
         print(f"eval error: {args.target!r} is not a folder (expected a run output_dir, an adapter folder "

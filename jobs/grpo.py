@@ -60,6 +60,8 @@ from actors.learner import GRPOConfig, make_batch
 from actors.rollout import RolloutConfig
 from cluster.run_files import RunFiles
 from jobs.config import ConfigError, dump_yaml, load
+from jobs.preflight import preflight_grpo
+from kernels.config_fields import check_ranges
 from kernels.model import ModelConfig
 from kernels.patch import KernelsConfig
 
@@ -79,28 +81,32 @@ class PromptDataConfig:
 
     path: str = "builtin"
     system_prompt: str = ""
-    builtin_train_size: int = 2000
+    builtin_train_size: int = field(default=2000, metadata={"min": 1})
 
     def __post_init__(self):
+        check_ranges(self, "data")
         if not self.path:
             raise ValueError("data.path: empty; expected 'builtin' or a .jsonl/.json/.parquet file")
         if self.path != "builtin" and not os.path.exists(self.path):
             raise ValueError(f"data.path: {self.path!r} does not exist (expected 'builtin' or a data file)")
-        if self.builtin_train_size < 1:
-            raise ValueError(f"data.builtin_train_size: must be >= 1, got {self.builtin_train_size}")
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     """Reward terms (rewards/ registry names or 'module:function', with weight/kwargs/label) and
-    the reward actor pool (actors/reward.py)."""
+    the reward actor pool (actors/reward.py).
+
+    max_failure_rate: a term that fails (raises, returns bad scores, times out) on more than this
+      fraction of a scoring call's samples stops the run with its first error (1 = never stop).
+    """
 
     functions: list[dict | str] = field(default_factory=lambda: ["math_answer"])
-    num_actors: int = 1
-    timeout_s: float = 30.0
+    num_actors: int = field(default=1, metadata={"min": 1})
+    timeout_s: float = field(default=30.0, metadata={"gt": 0})
     failure_reward: float = 0.0
-    batch_size: int = 256
-    num_cpus: float = 0.25
+    batch_size: int = field(default=256, metadata={"min": 1})
+    num_cpus: float = field(default=0.25, metadata={"min": 0})
+    max_failure_rate: float = field(default=0.5, metadata={"range": (0, 1)})
 
     def specs(self):
         from rewards.registry import RewardSpec
@@ -108,14 +114,13 @@ class RewardConfig:
         return [RewardSpec.from_config(f) for f in self.functions]
 
     def __post_init__(self):
+        check_ranges(self, "reward")
         if not self.functions:
             raise ValueError("reward.functions: name at least one reward (e.g. math_answer)")
         try:
             self.specs()
         except Exception as e:  # noqa: BLE001 - re-raised with the key
             raise ValueError(f"reward.functions: {e}") from None
-        if self.num_actors < 1:
-            raise ValueError(f"reward.num_actors: must be >= 1, got {self.num_actors}")
 
 
 @dataclass(frozen=True)
@@ -127,14 +132,13 @@ class HeldOutEvalConfig:
 
     enabled: bool = True
     data: str = "builtin"
-    max_problems: int = 200
-    max_new_tokens: int = 32
-    batch_size: int = 64
+    max_problems: int = field(default=200, metadata={"min": 0, "note": "0 = all"})
+    max_new_tokens: int = field(default=32, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
     backend: Literal["hf", "vllm"] = "hf"
 
     def __post_init__(self):
-        if self.max_problems < 0:
-            raise ValueError(f"eval.max_problems: must be >= 0 (0 = all), got {self.max_problems}")
+        check_ranges(self, "eval")
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ class InitConfig:
     sft_steps steps into OUTPUT_DIR/sft, then start GRPO from its merged model."""
 
     sft_config: str = ""
-    sft_steps: int = 0
+    sft_steps: int = field(default=0, metadata={"min": 0})
     sft_overrides: list[str] = field(default_factory=list)
 
     def sft_config_path(self) -> str:
@@ -152,11 +156,10 @@ class InitConfig:
         return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), self.sft_config)
 
     def __post_init__(self):
+        check_ranges(self, "init")
         if self.sft_config and not os.path.isfile(self.sft_config_path()):
             raise ValueError(f"init.sft_config: {self.sft_config!r} is not a file (relative paths are "
                              f"looked up in the working directory, then in the project root)")
-        if self.sft_steps < 0:
-            raise ValueError(f"init.sft_steps: must be >= 0, got {self.sft_steps}")
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,8 @@ class GRPOJobConfig:
     """The whole GRPO job.
 
     output_dir: everything is written here. max_steps: GRPO steps. seed: sampling and shuffling.
-    resume: auto (continue from the last checkpoint in output_dir) | never.
+    resume: auto (continue from the newest intact checkpoint in output_dir; refused when the training
+      config differs from the run's config.yaml) | never | force (continue even with a changed config).
     checkpoint_every / keep_checkpoints: learner + controller state every N steps; keep the last K.
     ray_num_cpus: logical CPUs of a local Ray instance (0 = the machine's, or more if the actors
       ask for more: phases alternate, so rollout and learner may share cores).
@@ -173,13 +177,13 @@ class GRPOJobConfig:
     """
 
     output_dir: str = "runs/grpo"
-    max_steps: int = 20
+    max_steps: int = field(default=20, metadata={"min": 1})
     seed: int = 0
-    resume: Literal["auto", "never"] = "auto"
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    ray_num_cpus: int = 0
-    num_threads: int = 0
+    resume: Literal["auto", "never", "force"] = "auto"
+    checkpoint_every: int = field(default=10, metadata={"min": 0, "note": "0 = only at the end"})
+    keep_checkpoints: int = field(default=2, metadata={"min": 1})
+    ray_num_cpus: int = field(default=0, metadata={"min": 0, "note": "0 = the machine's"})
+    num_threads: int = field(default=0, metadata={"min": 0, "note": "0 = Ray's default"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -190,12 +194,9 @@ class GRPOJobConfig:
     init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self):
+        check_ranges(self, "")
         if not self.output_dir:
             raise ValueError("output_dir: must be set")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_every must be >= 0 (0 = only at the end) and keep_checkpoints >= 1")
         # the estimator says how many samples per prompt it needs (a group baseline: 2); the check
         # once compared adv_estimator with the policy-loss name "reinforce", which never matched
         need = grpo_math.min_group_size(self.grpo.adv_estimator)
@@ -349,17 +350,59 @@ def accuracy_term(cfg: GRPOJobConfig) -> str | None:
     return None
 
 
+def _ckpt_step(folder: str) -> int | None:
+    name = os.path.basename(folder)
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
 def checkpoints(files: RunFiles) -> list[str]:
-    return sorted(glob.glob(files.path("checkpoints", "step_*")))
+    """The checkpoint folders (step_NNNNNN), oldest step first; an interrupted save is a
+    step_NNNNNN.partial folder and not among them."""
+    found = [d for d in glob.glob(files.path("checkpoints", "step_*")) if _ckpt_step(d) is not None]
+    return sorted(found, key=_ckpt_step)
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """None when a GRPO checkpoint is intact: the learner's state (kernels.training_state) and
+    controller.json; else what is wrong, naming the file."""
+    from kernels.training_state import checkpoint_problem as learner_problem
+
+    why = learner_problem(folder)
+    if why:
+        return why
+    try:
+        with open(os.path.join(folder, "controller.json")) as f:
+            state = json.load(f)
+        int(state["step"]), int(state["prompt_position"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"controller.json: unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def prune_checkpoints(files: RunFiles, keep: int, protect: str, step: int) -> None:
+    """Keep `keep` checkpoint folders of every attempt (`protect`, the newest or the one resumed
+    from, among them; those above `step`, left by an attempt cut off later, go first) and remove
+    the .partial folders of interrupted saves."""
+    from cluster.checkpoint import prune_checkpoints as prune
+
+    prune(checkpoints(files), keep, protect=(protect,), current_step=step, step_of=_ckpt_step)
+    for partial in glob.glob(files.path("checkpoints", "step_*.partial")):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def save_checkpoint(files: RunFiles, learners, step: int, stream: PromptStream, keep: int) -> str:
+    """The learner's state and the controller's position as checkpoints/step_NNNNNN. Written under
+    a .partial name and renamed when complete, so a save cut off by Ctrl-C never looks like a
+    checkpoint; then pruned to `keep` folders, counting earlier attempts' too."""
     path = files.path("checkpoints", f"step_{step:06d}")
-    learners.save(path)
-    with open(os.path.join(path, "controller.json"), "w") as f:
+    tmp = path + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    learners.save(tmp)
+    with open(os.path.join(tmp, "controller.json"), "w") as f:
         json.dump({"step": step, "prompt_position": stream.position}, f)
-    for old in checkpoints(files)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)  # the same step, saved by an attempt that was cut off
+    os.replace(tmp, path)
+    prune_checkpoints(files, keep, protect=path, step=step)
     return path
 
 
@@ -430,6 +473,46 @@ def print_step(r: dict, max_steps: int) -> None:
 # The controller
 # ----------------------------------------------------------------------------------------------
 
+# Keys a resumed run may change (docs/reliability.md): they do not change what the checkpoints'
+# weights were trained with. Every other key must match config.yaml, unless resume=force.
+RESUME_SAFE_KEYS = ("output_dir", "max_steps", "resume", "checkpoint_every", "keep_checkpoints", "ray_num_cpus",
+                    "num_threads", "eval", "init", "reward.num_actors", "reward.num_cpus", "reward.batch_size",
+                    "reward.max_failure_rate")
+
+
+def check_resume_config(cfg: GRPOJobConfig, files: RunFiles) -> None:
+    """A resume whose training config differs from the run's config.yaml is refused, the differing
+    keys listed (resume=force continues anyway)."""
+    from cluster.run_files import config_changes
+    from jobs.config import to_dict
+
+    saved = files.read_config()
+    if cfg.resume == "never" or not checkpoints(files) or saved is None:
+        return
+    changes = config_changes(saved, to_dict(cfg), RESUME_SAFE_KEYS)
+    if not changes:
+        return
+    if cfg.resume == "force":
+        print(f"[grpo] resume=force: resuming with a changed config ({'; '.join(changes)})", flush=True)
+        return
+    raise ConfigError(f"output_dir {cfg.output_dir}: its checkpoints were trained with another config "
+                      f"({'; '.join(changes)}); re-run with the same values, choose a new output_dir, "
+                      f"or add resume=force to resume with the new ones")
+
+
+def check_prompts_per_step(cfg: GRPOJobConfig, n_prompts: int | None) -> None:
+    """A step samples grpo.prompts_per_step distinct prompts: the prompt set must hold that many
+    (n_prompts None: the built-in set, whose size the config gives, before anything is read)."""
+    if n_prompts is None:
+        if cfg.data.path != "builtin":
+            return
+        n_prompts = cfg.data.builtin_train_size
+    if cfg.grpo.prompts_per_step > n_prompts:
+        where = "data.builtin_train_size" if cfg.data.path == "builtin" else f"data.path {cfg.data.path!r}"
+        raise ConfigError(f"grpo.prompts_per_step: {cfg.grpo.prompts_per_step} is more than the {n_prompts} "
+                          f"prompts of {where}; a step would repeat prompts; lower it or add prompts")
+
+
 def run_grpo(cfg: GRPOJobConfig) -> dict:
     import torch
 
@@ -439,14 +522,17 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
 
     t_start = time.time()
     files = RunFiles(cfg.output_dir)
-    if cfg.resume == "never" and files.read_metrics():
+    if cfg.resume == "never" and (files.read_metrics() or checkpoints(files)):
         raise ConfigError(f"resume=never but {cfg.output_dir} already holds a run; choose a new output_dir "
                           f"or resume=auto")
+    check_prompts_per_step(cfg, None)
     init_ray(cfg)
 
-    # 1-2. starting model (maybe SFT first), config on disk
+    # 1-2. starting model (maybe SFT first), config on disk (compared first with the one the
+    # checkpoints were trained with)
     cfg = prepare_start_model(cfg, files)
     t_grpo = time.time()  # after the SFT warm-up, if any
+    check_resume_config(cfg, files)
     dump_yaml(cfg, files.path("config.yaml"))
     tok_dir = tokenizer_dir(cfg)
     tok = load_tokenizer(tok_dir)
@@ -455,6 +541,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
 
     # 3. prompts
     rows = read_prompts(cfg.data)
+    check_prompts_per_step(cfg, len(rows))
     print(f"[grpo] {len(rows)} prompts from {cfg.data.path}; model {start_model or cfg.model.preset}", flush=True)
 
     # 4. held-out accuracy of the starting model (once per run, also across resumes)
@@ -480,20 +567,27 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     sync = WeightSync(learners, rollouts, cfg.rollout, lora)
     pool = RewardPool(cfg.reward.specs(), num_actors=cfg.reward.num_actors, timeout_s=cfg.reward.timeout_s,
                       failure_reward=cfg.reward.failure_reward, batch_size=cfg.reward.batch_size,
-                      num_cpus_per_actor=cfg.reward.num_cpus)
+                      num_cpus_per_actor=cfg.reward.num_cpus, max_failure_rate=cfg.reward.max_failure_rate)
     print(f"[grpo] actors ready in {time.time() - t0:.1f}s: {cfg.rollout.num_workers} rollout "
           f"({cfg.rollout.backend}), {cfg.grpo.num_learners} learner, {cfg.reward.num_actors} reward; "
           f"weight sync {cfg.rollout.sync} via {sync.transport}", flush=True)
 
-    # resume
+    # resume: from the newest intact checkpoint (a corrupt or torn one is named and passed over)
     stream = PromptStream(rows, cfg.seed)
     first_step = 0
-    if cfg.resume == "auto" and checkpoints(files):
-        last = checkpoints(files)[-1]
+    last = None
+    if cfg.resume != "never":
+        from kernels.training_state import newest_intact
+
+        last = newest_intact(checkpoints(files), problem=checkpoint_problem, on_skip=lambda f, why: print(
+            f"[grpo] warning: checkpoint {f} is not intact ({why}); skipped, resuming from the one before it",
+            flush=True))
+    if last is not None:
         with open(os.path.join(last, "controller.json")) as f:
             state = json.load(f)
         learners.load(last)
         first_step, stream.position = state["step"], state["prompt_position"]
+        prune_checkpoints(files, cfg.keep_checkpoints, protect=last, step=first_step)
         files.truncate_metrics_after(first_step)
         sync.push(version=first_step)
         print(f"[grpo] resumed from {last} (step {first_step})", flush=True)
@@ -587,6 +681,11 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     merged = learners.save_merged(files.path("merged"), tok_dir)
     if cfg.model.finetune != "full":
         learners.save_adapter(files.path("adapter"))
+    from kernels.run_manifest import RunManifest  # what export and eval read back (run.json)
+
+    RunManifest.for_run(cfg.output_dir, "grpo", cfg.model, seed=cfg.seed, vocab_size=None,
+                        train_device="cuda" if cfg.grpo.num_gpus > 0 else "cpu",
+                        tokenizer_dir=tok_dir).write(cfg.output_dir)
     pool.shutdown()
     rollouts.shutdown()
     learners.shutdown()
@@ -623,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_job_args("posttrain grpo", argv, GRPOJobConfig, description=__doc__)
         cfg = load(GRPOJobConfig, args.config, args.overrides)
+        if preflight_grpo(cfg):  # one line on stderr, before Ray starts or weights load
+            return 2
         run_grpo(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -15,7 +15,9 @@ Launch:
   posttrain sft jobs/configs/tiny-sft.yaml output_dir=runs/sft max_steps=40
   python -m jobs.sft jobs/configs/tiny-sft.yaml trainer.num_workers=2
   ray job submit --working-dir . -- python -m jobs.sft jobs/configs/llama-lora.yaml
-Running it again with the same output_dir resumes from the last checkpoint (trainer.resume=auto).
+Running it again with the same output_dir resumes from the last intact checkpoint (trainer.resume=auto;
+a changed training config is refused unless trainer.resume=force: docs/reliability.md). Ctrl-C or
+SIGTERM ends it with one line naming the last checkpoint saved (exit code 130 / 143).
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ import time
 from dataclasses import dataclass, field, replace
 
 from cluster.data import DataConfig, build_datasets
-from cluster.ray_session import init_ray
+from cluster.ray_session import init_ray, stop_on_signals
 from cluster.run_files import RunFiles
 from cluster.train import TrainConfig, TrainSpec, fit
 from jobs.config import ConfigError, dump_yaml, load
+from jobs.preflight import preflight_sft
+from kernels.config_fields import check_ranges
 from kernels.model import PRESETS, ModelConfig
 from kernels.patch import KernelsConfig
 
@@ -42,12 +46,11 @@ class AccuracyConfig:
     """
 
     enabled: bool = False
-    max_problems: int = 200
-    max_new_tokens: int = 32
+    max_problems: int = field(default=200, metadata={"min": 1})
+    max_new_tokens: int = field(default=32, metadata={"min": 1})
 
     def __post_init__(self):
-        if self.max_problems < 1:
-            raise ValueError(f"eval_accuracy.max_problems: must be >= 1, got {self.max_problems}")
+        check_ranges(self, "eval_accuracy")
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,9 @@ class SFTJobConfig:
     tokenizer_vocab_size: size of the locally trained tokenizer when the model brings none."""
 
     output_dir: str = "runs/sft"
-    max_steps: int = 0
+    max_steps: int = field(default=0, metadata={"min": 0, "note": "0 = trainer.num_epochs passes"})
     seed: int = 0
-    tokenizer_vocab_size: int = 1024
+    tokenizer_vocab_size: int = field(default=1024, metadata={"min": 1})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainConfig = field(default_factory=TrainConfig)
@@ -67,10 +70,9 @@ class SFTJobConfig:
     eval_accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
 
     def __post_init__(self):
+        check_ranges(self, "")
         if not self.output_dir:
             raise ValueError("output_dir: must be set")
-        if self.max_steps < 0:
-            raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
         if self.model.finetune == "qlora" and not self.trainer.use_gpu:
             raise ValueError("model.finetune: qlora needs trainer.use_gpu=true (NF4 weights live on a CUDA GPU)")
         if self.trainer.strategy == "deepspeed":
@@ -126,15 +128,57 @@ def measure_accuracy(cfg: SFTJobConfig, model_dir_or_model, tokenizer, rows) -> 
     return evaluate(model_dir_or_model, tokenizer, rows, ecfg)
 
 
+# Keys a resumed run may change (docs/reliability.md): they do not change what the checkpoints'
+# weights were trained with. Every other key - trainer.num_workers too: it sets the global batch
+# and each worker's share of the data - must match config.yaml, unless trainer.resume=force.
+RESUME_SAFE_KEYS = ("output_dir", "max_steps", "eval_accuracy", "trainer.num_epochs", "trainer.log_every",
+                    "trainer.eval_every", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
+                    "trainer.resume_from", "trainer.max_failures", "trainer.storage_path",
+                    "trainer.cpus_per_worker", "trainer.placement_strategy", "trainer.early_stopping_patience",
+                    "trainer.early_stopping_min_delta", "trainer.cuda_graphs")
+
+
+def check_resume(cfg: SFTJobConfig, files: RunFiles) -> None:
+    """Before anything is written: trainer.resume=never over an existing run, or a resume whose
+    training config differs from the run's config.yaml (unless trainer.resume=force), is refused
+    with the differing keys listed."""
+    from cluster.checkpoint import checkpoint_folders, is_local_path
+    from cluster.run_files import config_changes
+    from cluster.train import checkpoint_root
+    from jobs.config import to_dict
+
+    tc = cfg.trainer
+    root = checkpoint_root(tc, cfg.output_dir)
+    resumable = bool(checkpoint_folders(root)) if is_local_path(root) else bool(files.read_metrics())
+    if tc.resume == "never":
+        if resumable or files.read_metrics():
+            raise ConfigError(f"trainer.resume=never but {cfg.output_dir} already holds a run; "
+                              f"choose a new output_dir or resume=auto")
+        return
+    saved = files.read_config()
+    if not resumable or saved is None:
+        return
+    changes = config_changes(saved, to_dict(cfg), RESUME_SAFE_KEYS)
+    if not changes:
+        return
+    if tc.resume == "force":
+        print(f"[sft] trainer.resume=force: resuming with a changed config ({'; '.join(changes)})", flush=True)
+        return
+    raise ConfigError(f"output_dir {cfg.output_dir}: its checkpoints were trained with another config "
+                      f"({'; '.join(changes)}); re-run with the same values, choose a new output_dir, "
+                      f"or add trainer.resume=force to resume with the new ones")
+
+
 def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
     import torch
 
     from cluster.data_samples import held_out_rows
-    from kernels.model import add_lora, build_model
+    from kernels.model import build_model
     from kernels.tokenizer import load_tokenizer
 
     t0 = time.time()
     files = RunFiles(cfg.output_dir)
+    check_resume(cfg, files)  # before config.yaml is rewritten
     dump_yaml(cfg, files.path("config.yaml"))
     init_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)
     tok_dir = prepare_tokenizer(cfg, files)
@@ -158,7 +202,7 @@ def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
     rows = held_out_rows(cfg.data, seed=cfg.seed) if cfg.eval_accuracy.enabled else []
     acc_before = None
     if rows:
-        base = add_lora(build_model(cfg.model, vocab_size=vocab, seed=cfg.seed), cfg.model)
+        base = build_model(cfg.model, vocab_size=vocab, seed=cfg.seed)  # LoRA starts as a no-op (B = 0)
         acc_before = measure_accuracy(cfg, base, tok, rows)
         del base
         print(f"[sft] held-out exact match before training: {acc_before['accuracy']:.3f} "
@@ -169,12 +213,13 @@ def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
                      tokenizer_dir=os.path.abspath(tok_dir), total_steps=total_steps,
                      steps_per_epoch=steps_per_epoch, seed=cfg.seed, vocab_size=vocab,
                      pad_id=tok.pad_token_id, kernels=cfg.kernels, extra={"datasets": datasets})
-    if tc.resume == "never" and files.read_metrics():
-        raise ConfigError(f"trainer.resume=never but {cfg.output_dir} already holds a run; "
-                          f"choose a new output_dir or resume=auto")
     result = fit(spec, train_ds, eval_ds)
     if result.error:
         raise result.error
+    from kernels.run_manifest import RunManifest  # what export and eval read back (run.json)
+
+    RunManifest.for_run(cfg.output_dir, task, cfg.model, seed=cfg.seed, vocab_size=vocab,
+                        train_device="cuda" if tc.use_gpu else "cpu", tokenizer_dir=tok_dir).write(cfg.output_dir)
 
     metrics = files.read_metrics()
     summary = {"task": task, "steps": total_steps, "steps_per_epoch": steps_per_epoch,
@@ -227,12 +272,33 @@ def main(argv: list[str] | None = None, task: str = "sft") -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if preflight_sft(cfg):  # one line on stderr, before Ray starts or weights load
+        return 2
+    stop_on_signals()
     try:
         run_sft(cfg, task=task)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (cluster.ray_session.Interrupted)
+        return report_interrupt(f"[{task}]", e, cfg)
     return 0
+
+
+def report_interrupt(tag: str, e: KeyboardInterrupt, cfg: SFTJobConfig) -> int:
+    """One line on stderr - the last checkpoint saved, and how to resume - and the exit code."""
+    from cluster.checkpoint import checkpoint_folders, is_local_path, last_saved
+    from cluster.ray_session import Interrupted
+    from cluster.train import checkpoint_root
+
+    name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
+    root = checkpoint_root(cfg.trainer, cfg.output_dir)
+    saved = last_saved(checkpoint_folders(root)) if is_local_path(root) else None
+    where = (f"the last checkpoint saved is step {saved[0]} ({saved[1]}); re-run the same command to resume"
+             if saved else "no checkpoint was saved yet (trainer.checkpoint_every sets how often); "
+                           "re-run the same command to start again")
+    print(f"{tag} stopped by {name}: {where}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def merged_lora_state(model, dtype: torch.dtype | None = None, only_changed: boo
     owned: list[str] = []  # modules whose tensors are written here, not copied from the state dict
     with torch.no_grad():
         for name, module in inner.named_modules():
+            if owned and name.startswith(owned[-1] + "."):
+                continue  # inside a layer handled already (a LoRA layer's base_layer, lora_A, ...)
             if isinstance(module, LoraLayer):
                 base = module.get_base_layer()
                 active = [a for a in module.active_adapters if a in module.lora_A

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from kernels.config_fields import check_ranges
+
 # Public architecture shapes (from the models' published config.json files). Random weights.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -65,18 +67,13 @@ LORA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class LoraConfig:
     """LoRA adapter settings (PEFT). `target_modules` is a list of module names or "all-linear"."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = field(default=16, metadata={"min": 1})
+    alpha: int = field(default=32, metadata={"gt": 0})
+    dropout: float = field(default=0.0, metadata={"min": 0, "lt": 1})
     target_modules: str | list[str] = "all-linear"
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"model.lora.r: must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"model.lora.alpha: must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.lora.dropout: must be in [0, 1), got {self.dropout}")
+        check_ranges(self, "model.lora")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             raise ValueError(
                 f"model.lora.target_modules: expected 'all-linear' or a list of module names, "

@@ -4,13 +4,16 @@ Not imported by the parent; stdlib only. The parent (rewards/code.py) starts it 
 temporary directory, writes one JSON object on stdin and reads result lines on stdout:
 
     stdin : {"code": str, "tests": [str, ...], "nonce": str, "entry_point": str | null,
-             "memory_mb": int, "cpu_s": int, "fsize_mb": int}
+             "memory_mb": int, "cpu_s": int, "fsize_mb": int, "nproc": int (optional)}
     stdout: "<nonce> <i> pass" | "<nonce> <i> fail <reason>"  per test, as each finishes,
             "<nonce> done"                                     at the end.
 
-Guards, set before the completion's code runs (best effort, not a security boundary; the
-parent adds the wall-clock kill and a throwaway directory):
-  - resource limits: address space, CPU seconds, file size, open files, no core dumps;
+The security boundary is the parent's bubblewrap sandbox (rewards/code_isolation.py: no view of
+the parent's files, environment, processes or network); with `sandbox: unsafe` there is none
+and these guards are all there is. Guards, set before the completion's code runs (best
+effort; the parent adds the wall-clock kill):
+  - resource limits: address space, CPU seconds, file size, open files, no core dumps, and
+    (in the sandbox, where the count is the sandbox's own) processes and threads;
   - an audit hook (sys.addaudithook: it cannot be removed) that refuses sockets, processes
     (fork/exec/spawn/system/Popen, signals), ctypes, raising resource limits, links, and
     opening for writing / creating / removing / renaming paths outside the working directory
@@ -141,6 +144,8 @@ def main():
     resource.setrlimit(resource.RLIMIT_FSIZE, (payload["fsize_mb"] * mb,) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    if payload.get("nproc"):  # only inside the user namespace: outside it counts all of the user's processes
+        resource.setrlimit(resource.RLIMIT_NPROC, (payload["nproc"],) * 2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises instead of killing
 
     sys.addaudithook(_make_hook(os.path.realpath(os.getcwd())))

@@ -20,7 +20,7 @@ def main(strategy: str, port: str, grad_accum: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo")
     from cluster.train import TrainSpec, _build_for_training
-    from cluster.train_step import LossForward, accumulate_step, grad_norm_and_clip, make_optimizer
+    from kernels.training import LossForward, accumulate_step, grad_norm_and_clip, make_optimizer
     from jobs.config import load
     from jobs.sft import SFTJobConfig
 

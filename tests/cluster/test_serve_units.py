@@ -26,6 +26,8 @@ from cluster.serve_openai import ChatCompletionRequest, CompletionRequest, OpenA
     (dict(api_key="a", api_key_env="B"), "api_key"),
     (dict(max_model_len=-1), "max_model_len"),
     (dict(max_ongoing_requests=0), "max_ongoing_requests"),
+    (dict(max_request_bytes=100), "max_request_bytes"),
+    (dict(engine="vllm", max_request_bytes=8 << 20), "max_request_bytes"),    # Ray's app: not applied
     (dict(num_cpus=-1), "num_cpus"),
     (dict(num_gpus=2), "num_gpus"),
     (dict(tensor_parallel_size=2), "tensor_parallel_size"),
@@ -115,11 +117,61 @@ def test_parse_request_accepts_openai_shapes():
     req = parse_request(ChatCompletionRequest, json.dumps({
         "model": "m", "messages": [{"role": "developer", "content": "be brief"},
                                    {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "max_completion_tokens": 5, "stop": "\n", "vendor_extra": 1}).encode())
+        "max_completion_tokens": 5, "stop": "\n", "user": "u1"}).encode())
     assert req.chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert req.requested_max_tokens() == 5 and req.stop == ["\n"]
     assert parse_request(CompletionRequest, b'{"prompt": [1, 2, 3]}').prompts() == [[1, 2, 3]]
     assert parse_request(CompletionRequest, b'{"prompt": ["a", "b"]}').prompts() == ["a", "b"]
+
+
+# issue 21, finding 10: a field we do not implement is refused (400 naming it), never ignored
+@pytest.mark.parametrize("cls, extra, param, code", [
+    (ChatCompletionRequest, {"tempreature": 0.5}, "tempreature", "unknown_parameter"),
+    (CompletionRequest, {"top_k": 5}, "top_k", "unknown_parameter"),
+    (CompletionRequest, {"messages": []}, "messages", "unknown_parameter"),
+    (ChatCompletionRequest, {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    (ChatCompletionRequest, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    (ChatCompletionRequest, {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    (ChatCompletionRequest, {"logprobs": True}, "logprobs", "unsupported_parameter"),
+    (CompletionRequest, {"logprobs": 0}, "logprobs", "unsupported_parameter"),   # 0 still asks for them
+    (CompletionRequest, {"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+    (ChatCompletionRequest, {"frequency_penalty": -1}, "frequency_penalty", "unsupported_parameter"),
+    (CompletionRequest, {"best_of": 3}, "best_of", "unsupported_parameter"),
+    (CompletionRequest, {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats", "unsupported_parameter"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
+     "messages.0.name", "unsupported_parameter"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi", "nmae": "bob"}]},
+     "messages.0.nmae", "unknown_parameter"),
+])
+def test_fields_not_implemented_are_refused(cls, extra, param, code):
+    body = {"messages": [{"role": "user", "content": "hi"}]} if cls is ChatCompletionRequest else {"prompt": "x"}
+    body.update(extra)
+    with pytest.raises(OpenAIError) as e:
+        parse_request(cls, json.dumps(body).encode())
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, code), e.value.message
+    assert e.value.message.startswith(param)
+
+
+def test_unknown_field_suggests_the_accepted_name():
+    with pytest.raises(OpenAIError) as e:
+        parse_request(ChatCompletionRequest, b'{"messages": [{"role": "user", "content": "hi"}], "tempreature": 0.5}')
+    assert "did you mean 'temperature'" in e.value.message
+
+
+def test_noop_values_of_unimplemented_fields_are_accepted():
+    """What clients send as explicit defaults asks for nothing we skip: accepted."""
+    req = parse_request(ChatCompletionRequest, json.dumps({
+        "messages": [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "yo", "refusal": None, "tool_calls": [],
+                      "annotations": [], "audio": None, "function_call": None}],
+        "response_format": {"type": "text"}, "presence_penalty": 0, "frequency_penalty": 0.0,
+        "logprobs": False, "tools": None, "tool_choice": "none", "logit_bias": {}, "store": False,
+        "service_tier": "auto", "user": "u", "stream": True, "stream_options": {"include_usage": True},
+        "ignore_eos": False}).encode())
+    assert req.stream and req.include_usage()
+    req = parse_request(CompletionRequest, b'{"prompt": "x", "n": 2, "best_of": 2, "echo": false, "suffix": null}')
+    assert req.n == 2
 
 
 def test_stop_text_holds_back_possible_stop_prefixes():
@@ -242,6 +294,99 @@ def test_budget_rules(http):
 def test_batch_prompts_number_choices_across_prompts(http):
     r = http.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 2})
     assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+
+
+# issue 21, finding 1: size limit (413), cheap context check, tokenisation off the event loop
+
+
+def _error(r, status):
+    body = r.json()
+    assert r.status_code == status and set(body["error"]) == {"message", "type", "param", "code"}, r.text
+    return body["error"]
+
+
+def test_body_over_max_request_bytes_is_413(tiny_dirs):
+    from starlette.testclient import TestClient
+
+    eng = HFEngine(tiny_dirs["base"], dtype="float32", device="cpu", max_model_len=64)
+    big = json.dumps({"prompt": "x" * 5000, "max_tokens": 1}).encode()
+    with TestClient(make_app(_Server(eng), max_request_bytes=4096)) as c:
+        h = {"Content-Type": "application/json"}
+        err = _error(c.post("/v1/completions", content=big, headers=h), 413)     # Content-Length
+        assert err["code"] == "request_too_large" and f"{len(big)} bytes" in err["message"] and "4096" in err["message"]
+        chunked = (big[i:i + 1000] for i in range(0, len(big), 1000))           # no Content-Length
+        err = _error(c.post("/v1/chat/completions", content=chunked, headers=h), 413)
+        assert "max_request_bytes" in err["message"]
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_overlong_text_is_refused_before_tokenising(http, monkeypatch):
+    import cluster.serve_engines as se
+
+    calls = []
+    real = se.encode_prompt
+    monkeypatch.setattr(se, "encode_prompt", lambda tok, p: calls.append(p) or real(tok, p))
+    err = _error(http.post("/v1/completions", json={"prompt": "apples " * 10_000}), 400)
+    assert err["code"] == "context_length_exceeded" and "max_model_len" in err["message"] and "64" in err["message"]
+    err = _error(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a" * 70_000}]}), 400)
+    assert err["param"] == "messages" and "70000 characters" in err["message"]
+    assert calls == []                                       # refused from the length alone
+    assert http.post("/v1/completions", json={"prompt": "apples", "max_tokens": 1}).status_code == 200
+    assert calls == ["apples"]
+
+
+def test_tokenising_does_not_hold_up_other_requests(tiny_dirs, monkeypatch):
+    """A slow tokenisation (as of a long prompt) runs on the engine's tokenizer thread: a
+    token-id request sent meanwhile is answered without waiting for it."""
+    import asyncio
+    import time
+
+    import httpx
+
+    import cluster.serve_engines as se
+
+    eng = HFEngine(tiny_dirs["base"], dtype="float32", device="cpu", max_model_len=64)
+    real = se.encode_prompt
+
+    def slow(tok, p):
+        time.sleep(1.2)              # the fast tokenizer releases the GIL while it works
+        return real(tok, p)
+
+    monkeypatch.setattr(se, "encode_prompt", slow)
+
+    async def go():
+        transport = httpx.ASGITransport(app=make_app(_Server(eng)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            due = time.perf_counter() + 0.2      # when the small request is sent, had nothing blocked
+            big = asyncio.create_task(c.post("/v1/completions", json={"prompt": "Ava has", "max_tokens": 1}))
+            await asyncio.sleep(0.2)
+            small = await c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2})
+            took = time.perf_counter() - due
+            return await big, small, took
+
+    big, small, took = asyncio.run(go())
+    assert small.status_code == 200 and big.status_code == 200
+    assert took < 0.7, f"a 2-token request waited {took:.2f}s behind another request's tokenisation"
+
+
+def test_engine_failure_is_500_json(http, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("engine fell over")
+
+    import cluster.serve_engines as se
+
+    monkeypatch.setattr(se, "encode_prompt", boom)
+    err = _error(http.post("/v1/completions", json={"prompt": "hi"}), 500)
+    assert err["type"] == "server_error" and err["code"] == "internal_error" and "engine fell over" in err["message"]
+    assert http.get("/health").status_code == 200
+
+
+def test_unimplemented_field_over_http_is_400_json(http):
+    err = _error(http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}), 400)
+    assert err["param"] == "response_format" and err["code"] == "unsupported_parameter"
+    err = _error(http.post("/v1/completions", json={"prompt": "hi", "tempreature": 0.5}), 400)
+    assert err["param"] == "tempreature" and "temperature" in err["message"]
 
 
 def test_chat_without_template_is_400(tiny_dirs, tmp_path):

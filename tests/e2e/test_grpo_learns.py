@@ -102,7 +102,8 @@ def test_grpo_async_checkpoint_and_resume(tmp_path, tiny_tokenizer_dir):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["weights_lag"] == 0 and rows[1]["weights_lag"] == 1
-    assert os.path.exists(out / "checkpoints" / "step_000002" / "learner.pt")
+    step2 = out / "checkpoints" / "step_000002"  # the learner writes the SFT checkpoint format
+    assert all(os.path.exists(step2 / f) for f in ("trainable.safetensors", "optimizer.pt", "trainer_state.json"))
     run_grpo(load(GRPOJobConfig, CONFIG, common + ["max_steps=3"]))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -104,6 +104,7 @@ def test_sft_and_grpo_accept_config_then_overrides(name, cls_path, monkeypatch):
     module = importlib.import_module(f"jobs.{name}")
     seen = []
     monkeypatch.setattr(module, f"run_{name}", lambda cfg, **kw: seen.append(cfg) or {})
+    monkeypatch.setattr(module, f"preflight_{name}", lambda cfg: 0)  # the defaults name no GRPO model
     config = os.path.join(CONFIGS, f"tiny-{name}.yaml")
     assert module.main([config, "max_steps=3", "seed=7", "output_dir=runs/x"]) == 0
     assert module.main(["max_steps=4"]) == 0                   # CONFIG.yaml is optional
@@ -145,6 +146,7 @@ def test_eval_accepts_target_config_overrides_and_options(tmp_path, monkeypatch,
                 "temperature": cfg.temperature, "pass_at_k": 0.5}
 
     monkeypatch.setattr(cluster.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr("jobs.preflight.preflight_eval", lambda *a: 0)  # base "B" is not a real folder
     out = str(tmp_path / "res")
     # options may come anywhere: before, between or after the positional arguments
     assert main(["--base", "B", str(tmp_path), os.path.join(CONFIGS, "tiny-eval.yaml"), "--out", out,

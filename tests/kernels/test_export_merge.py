@@ -115,3 +115,41 @@ def test_merged_lora_state_on_nf4_base_gpu():
     up = pm.base_model.model.model.layers[1].mlp.up_proj.weight  # not adapted, still NF4
     torch.testing.assert_close(full["model.layers.1.mlp.up_proj.weight"],
                                F.dequantize_4bit(up.data, up.quant_state).float())
+
+
+def test_merged_lora_state_on_nf4_base_cpu():
+    """The same on bitsandbytes' CPU backend (0.46+), where it can quantise NF4."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+        from torch import nn
+
+        probe = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, blocksize=64, quant_type="nf4",
+                                  compress_statistics=True, quant_storage=torch.uint8)._quantize("cpu")
+        assert probe.quant_state is not None
+    except Exception:
+        pytest.skip("bitsandbytes cannot quantise NF4 on this CPU")
+    cfg = ModelConfig(preset="tiny", dtype="float32", lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    model = build_model(cfg, vocab_size=320, seed=0)
+    for parent in list(model.modules()):  # what kernels.qlora.quantize_linears_nf4 does, on the CPU
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.float32,
+                                      compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, blocksize=64,
+                                             compress_statistics=True, quant_type="nf4",
+                                             quant_storage=torch.uint8, module=q)._quantize("cpu")
+                setattr(parent, name, q)
+    model.is_loaded_in_4bit = True
+    pm = add_lora(model, cfg)
+    randomise_lora(pm)
+    layer = pm.base_model.model.model.layers[2].self_attn.q_proj
+    w = layer.base_layer.weight
+    want = F.dequantize_4bit(w.data, w.quant_state).float() + layer.get_delta_weight("default").float()
+    changed = merged_lora_state(pm)
+    assert len(changed) == 4 and torch.equal(changed["model.layers.2.self_attn.q_proj.weight"], want)
+    full = merged_lora_state(pm, only_changed=False)
+    ref = merged_copy(pm).state_dict()
+    assert set(full) == set(ref)  # plain HF names only: no absmax / quant_map / quant_state entries
+    assert all(torch.equal(full[k], ref[k]) for k in ref)

@@ -1,10 +1,22 @@
-"""Code-execution reward: pass fractions, and the sandbox's limits (time, memory, files, network)."""
+"""Code-execution reward: pass fractions, and the sandbox's limits (time, memory, files, network).
+
+These run in the isolated sandbox where it works here, else in `sandbox="unsafe"` mode (the
+harness's own guards apply in both); tests/rewards/test_sandbox_isolation.py tests the isolation.
+"""
+import functools
 import os
 import time
 
 import pytest
 
-from rewards.code import code_execution, extract_code, run_tests
+from rewards.code import code_execution as _code_execution
+from rewards.code import extract_code
+from rewards.code import run_tests as _run_tests
+from rewards.code_isolation import isolation_error
+
+SANDBOX = "isolated" if isolation_error() is None else "unsafe"
+code_execution = functools.partial(_code_execution, sandbox=SANDBOX)
+run_tests = functools.partial(_run_tests, sandbox=SANDBOX)
 
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add('a', 'b') == 'ab'"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.train_step import LossForward, accumulate_step, collate, lr_lambda, target_tokens
+from kernels.training import LossForward, accumulate_step, collate, lr_lambda, target_tokens
 from kernels.model import ModelConfig, add_lora, build_model
 
 
