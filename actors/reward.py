@@ -13,7 +13,9 @@ worker. A term that raises, returns something other than one finite number per s
 runs past `timeout_s` gives `failure_reward` for that task's samples; the samples are
 counted (failures / timeouts, per term), the message logged, and scoring goes on. A worker
 that times out is killed (its Python code cannot be interrupted otherwise) and replaced in
-the background.
+the background. A term that fails on more than `max_failure_rate` of a call's samples raises
+`RewardFailureError` with its first error and the signature a reward function must have: a run
+whose reward never works stops instead of training on `failure_reward`.
 
 A `reward_model` term is served by its own `RewardModelWorker` (a transformers
 sequence-classification model loaded once from a local folder); its spec kwargs configure
@@ -37,6 +39,11 @@ from rewards.registry import RewardSpec, resolve
 logger = logging.getLogger(__name__)
 
 MAX_ERRORS_KEPT = 5
+EXPECTED_SIGNATURE = "fn(prompts, completions, **columns) -> list[float]"  # rewards/registry.py
+
+
+class RewardFailureError(RuntimeError):
+    """A reward term failed on more than max_failure_rate of a scoring call's samples."""
 _READY_TIMEOUT_S = 300.0  # starting an actor (and loading a reward model) on a busy CPU box
 
 
@@ -144,7 +151,7 @@ class RewardPool:
 
     def __init__(self, specs: Sequence[RewardSpec | str | Mapping[str, Any]], num_actors: int = 2,
                  timeout_s: float = 10.0, failure_reward: float = 0.0, batch_size: int = 64,
-                 num_cpus_per_actor: float | None = None):
+                 num_cpus_per_actor: float | None = None, max_failure_rate: float = 0.5):
         self.specs = [RewardSpec.from_config(s) for s in specs]
         if not self.specs:
             raise ValueError("RewardPool.specs must name at least one reward")
@@ -160,6 +167,9 @@ class RewardPool:
             raise ValueError(f"RewardPool.batch_size must be an integer >= 1, got {batch_size!r}")
         if not math.isfinite(failure_reward):
             raise ValueError(f"RewardPool.failure_reward must be finite, got {failure_reward!r}")
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ValueError(f"RewardPool.max_failure_rate must be in [0, 1], got {max_failure_rate!r}")
+        self.max_failure_rate = float(max_failure_rate)
         for s in self.specs:
             s.resolve()  # fail fast on unknown names, in the driver
         self.num_actors, self.timeout_s = num_actors, float(timeout_s)
@@ -243,11 +253,13 @@ class RewardPool:
         failures = {s.key: 0 for s in self.specs}
         timeouts = {s.key: 0 for s in self.specs}
         errors: list[str] = []
+        first_error: dict[str, str] = {}  # per term, for RewardFailureError
 
         def record_error(spec_idx: int, start: int, end: int, msg: str, timed_out: bool) -> None:
             key = self.specs[spec_idx].key
             (timeouts if timed_out else failures)[key] += end - start
             text = f"{key} [samples {start}:{end}]: {msg}"
+            first_error.setdefault(key, msg)
             logger.warning("reward failure: %s", text)
             if len(errors) < MAX_ERRORS_KEPT:
                 errors.append(text)
@@ -295,6 +307,13 @@ class RewardPool:
                                  timed_out=True)
                     self._replace(slot)
 
+        for s in self.specs:  # a term that (nearly) never works: stop, naming its first error
+            bad = failures[s.key] + timeouts[s.key]
+            if n and bad > self.max_failure_rate * n:
+                raise RewardFailureError(
+                    f"reward term {s.key!r} failed on {bad} of {n} samples (more than reward.max_failure_rate="
+                    f"{self.max_failure_rate:g}); first error: {first_error.get(s.key, '?')}; a reward function "
+                    f"is called as {EXPECTED_SIGNATURE} (rewards/registry.py)")
         total = [sum(s.weight * per[s.key][i] for s in self.specs) for i in range(n)]
         return RewardResult(per, total, failures, timeouts, errors, time.monotonic() - t0)
 

@@ -25,7 +25,7 @@ from kernels.training_state import (STATE_FILE, checkpoint_problem, latest_check
                                     trainable_state, write_state)
 
 __all__ = ["STATE_FILE", "checkpoint_files", "checkpoint_folders", "checkpoint_problem", "choose_resume",
-           "is_local_path", "last_saved", "latest_checkpoint", "load_training_state", "newest_intact",
+           "is_local_path", "latest_checkpoint", "load_training_state", "newest_intact",
            "prune_checkpoints", "read_state", "restore_rng", "rng_state", "save_training_state",
            "trainable_state", "write_state"]
 
@@ -60,14 +60,11 @@ def prune_checkpoints(folders: list[str], keep: int, protect: tuple[str, ...] = 
     above `current_step` - left by an attempt that got further, passed over at resume because they
     were not intact, and superseded now that this attempt writes its own."""
     protect_set = {os.path.abspath(p) for p in protect if p}
-
-    def stale(f: str) -> bool:
-        step = step_of(f)
-        return step is None or (current_step is not None and step > current_step)
-
     protected = [f for f in folders if os.path.abspath(f) in protect_set]
     others = [f for f in reversed(folders) if os.path.abspath(f) not in protect_set]
-    order = protected + [f for f in others if not stale(f)] + [f for f in others if stale(f)]
+    steps = {f: step_of(f) for f in others}
+    stale = {f for f, step in steps.items() if step is None or (current_step is not None and step > current_step)}
+    order = protected + [f for f in others if f not in stale] + [f for f in others if f in stale]
     doomed = order[max(keep, len(protected)):]
     for f in doomed:
         shutil.rmtree(f, ignore_errors=True)
@@ -88,15 +85,6 @@ def choose_resume(root: str, keep: int, warn: Callable[[str], None] = print) -> 
     prune_checkpoints(folders, keep, protect=(chosen,) if chosen else (),
                       current_step=_state_step(chosen) if chosen else None)
     return chosen
-
-
-def last_saved(folders: list[str]) -> tuple[int, str] | None:
-    """(step, folder) of the newest of `folders` whose counters read, for a one-line report."""
-    for f in reversed(folders):
-        step = _state_step(f)
-        if step is not None:
-            return step, f
-    return None
 
 
 @contextlib.contextmanager

@@ -54,6 +54,15 @@ def init_ray(min_cpus: int = 1, num_cpus: int = 0, tag: str = "ray"):
     return ray
 
 
+def shutdown_ray() -> None:
+    """Disconnect from Ray (a local instance stops with its workers), e.g. before an interrupted
+    job tidies its checkpoint folder, so no worker is still writing into it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped the job. A KeyboardInterrupt, so no `except Exception` swallows it;
     the job's main ends with one line and `exit_code` (128 + the signal: 130 for SIGINT, 143 for SIGTERM)."""

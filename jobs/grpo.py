@@ -21,7 +21,9 @@ Launch:
   posttrain grpo jobs/configs/tiny-grpo.yaml output_dir=runs/grpo          # CPU, ~10 minutes
   python -m jobs.grpo jobs/configs/gsm8k-grpo.yaml model.path=/models/qwen  # GPU, vLLM rollouts
   ray job submit --working-dir . -- python -m jobs.grpo jobs/configs/gsm8k-grpo.yaml
-Running it again with the same output_dir resumes from the last checkpoint (resume: auto).
+Running it again with the same output_dir resumes from the last intact checkpoint (resume: auto; a
+changed training config is refused unless resume=force: docs/reliability.md). Ctrl-C or SIGTERM ends
+it with one line naming the last checkpoint saved (exit code 130 / 143).
 
 Deviations from the papers (GRPO: Shao et al. 2024; DAPO: Yu et al. 2025; GSPO: Zheng et al. 2025;
 Dr. GRPO: Liu et al. 2025), all deliberate:
@@ -717,18 +719,50 @@ def demo_grpo(output_dir: str, overrides: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from actors.reward import RewardFailureError
+    from cluster.ray_session import shutdown_ray, stop_on_signals
     from jobs.config import parse_job_args
 
+    cfg = None
     try:
         args = parse_job_args("posttrain grpo", argv, GRPOJobConfig, description=__doc__)
         cfg = load(GRPOJobConfig, args.config, args.overrides)
         if preflight_grpo(cfg):  # one line on stderr, before Ray starts or weights load
             return 2
+        stop_on_signals()
         run_grpo(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except RewardFailureError as e:  # more than reward.max_failure_rate of a step's samples failed
+        shutdown_ray()  # first: Ray's forwarded worker logs would otherwise trail the line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (cluster.ray_session.Interrupted)
+        if cfg is None:
+            raise
+        return report_interrupt(e, cfg)
     return 0
+
+
+def report_interrupt(e: KeyboardInterrupt, cfg: GRPOJobConfig) -> int:
+    """The checkpoints pruned to keep_checkpoints, then one line on stderr - the last checkpoint
+    saved, and how to resume - and the exit code (130 SIGINT, 143 SIGTERM)."""
+    from cluster.ray_session import Interrupted, shutdown_ray
+
+    shutdown_ray()
+
+    name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
+    files = RunFiles(cfg.output_dir)
+    saved = checkpoints(files)
+    if saved:  # a save cut off between its rename and the pruning: keep_checkpoints again
+        prune_checkpoints(files, cfg.keep_checkpoints, protect=saved[-1], step=_ckpt_step(saved[-1]))
+        saved = checkpoints(files)
+    where = (f"the last checkpoint saved is step {_ckpt_step(saved[-1])} ({saved[-1]}); re-run the same command "
+             f"to resume" if saved else
+             "no checkpoint was saved yet (checkpoint_every sets how often); re-run the same command to start again")
+    print(f"[grpo] stopped by {name}: {where}", file=sys.stderr, flush=True)
+    return code
 
 
 

@@ -139,9 +139,9 @@ RESUME_SAFE_KEYS = ("output_dir", "max_steps", "eval_accuracy", "trainer.num_epo
 
 
 def check_resume(cfg: SFTJobConfig, files: RunFiles) -> None:
-    """Before anything is written: trainer.resume=never over an existing run, or a resume whose
-    training config differs from the run's config.yaml (unless trainer.resume=force), is refused
-    with the differing keys listed."""
+    """Before anything is written: trainer.resume=never over an existing run, a resume whose
+    training config differs from the run's config.yaml (unless trainer.resume=force; the differing
+    keys listed), and a trainer.resume_from that is not an intact checkpoint are refused."""
     from cluster.checkpoint import checkpoint_folders, is_local_path
     from cluster.run_files import config_changes
     from cluster.train import checkpoint_root
@@ -150,6 +150,12 @@ def check_resume(cfg: SFTJobConfig, files: RunFiles) -> None:
     tc = cfg.trainer
     root = checkpoint_root(tc, cfg.output_dir)
     resumable = bool(checkpoint_folders(root)) if is_local_path(root) else bool(files.read_metrics())
+    if tc.resume_from and not resumable:
+        from cluster.checkpoint import checkpoint_problem
+
+        why = checkpoint_problem(tc.resume_from)
+        if why:
+            raise ConfigError(f"trainer.resume_from: {tc.resume_from!r} is not an intact checkpoint ({why})")
     if tc.resume == "never":
         if resumable or files.read_metrics():
             raise ConfigError(f"trainer.resume=never but {cfg.output_dir} already holds a run; "
@@ -286,14 +292,20 @@ def main(argv: list[str] | None = None, task: str = "sft") -> int:
 
 
 def report_interrupt(tag: str, e: KeyboardInterrupt, cfg: SFTJobConfig) -> int:
-    """One line on stderr - the last checkpoint saved, and how to resume - and the exit code."""
-    from cluster.checkpoint import checkpoint_folders, is_local_path, last_saved
-    from cluster.ray_session import Interrupted
+    """With the workers stopped, the checkpoints pruned to trainer.keep_checkpoints (an upload cut
+    off goes first); then one line on stderr - the last checkpoint saved, and how to resume - and
+    the exit code (130 SIGINT, 143 SIGTERM)."""
+    from cluster.checkpoint import choose_resume, is_local_path, read_state
+    from cluster.ray_session import Interrupted, shutdown_ray
     from cluster.train import checkpoint_root
 
     name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
+    shutdown_ray()
     root = checkpoint_root(cfg.trainer, cfg.output_dir)
-    saved = last_saved(checkpoint_folders(root)) if is_local_path(root) else None
+    saved = None
+    if is_local_path(root):
+        last = choose_resume(root, cfg.trainer.keep_checkpoints, warn=lambda msg: None)
+        saved = (read_state(last)["step"], last) if last else None
     where = (f"the last checkpoint saved is step {saved[0]} ({saved[1]}); re-run the same command to resume"
              if saved else "no checkpoint was saved yet (trainer.checkpoint_every sets how often); "
                            "re-run the same command to start again")

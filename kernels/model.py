@@ -21,6 +21,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048,
         rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
     ),
+    "smollm2-135m": dict(  # SmolLM2-135M(-Instruct)'s shapes (the real model: ../shared/models, GGUF)
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+        rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    ),
     "llama-3.2-1b": dict(
         model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,

@@ -1,10 +1,11 @@
 """RewardPool on a local Ray: parallel scoring, failure and timeout isolation, async terms,
-weighted totals, and the reward-model actor."""
+weighted totals, the reward-model actor, and the stop when a term fails on most samples
+(max_failure_rate; the isolation tests set it to 1 = never stop)."""
 import time
 
 import pytest
 
-from actors.reward import RewardPool, RewardResult
+from actors.reward import RewardFailureError, RewardPool, RewardResult
 from rewards import RewardSpec, UnknownRewardError
 
 FNS = "tests.rewards.sample_rewards"
@@ -51,7 +52,7 @@ def test_weighted_total_async_terms_and_builtins(make_pool):
 def test_a_raising_function_yields_the_failure_reward_and_is_counted(make_pool, caplog):
     pool = make_pool([RewardSpec(f"{FNS}:raises"), RewardSpec(f"{FNS}:constant", 2.0, {"value": 1.5}),
                       RewardSpec(f"{FNS}:raises_on_marker", label="marker"), RewardSpec(f"{FNS}:wrong_length")],
-                     num_actors=2, failure_reward=-1.0, batch_size=2)
+                     num_actors=2, failure_reward=-1.0, batch_size=2, max_failure_rate=1.0)
     with caplog.at_level("WARNING", logger="actors.reward"):
         res = pool.score(["p"] * 5, ["a", "b", "bad", "c", "d"])
     assert res.per_function[f"{FNS}:raises"] == [-1.0] * 5
@@ -66,7 +67,7 @@ def test_a_raising_function_yields_the_failure_reward_and_is_counted(make_pool, 
 
 def test_a_hung_function_times_out_and_the_pool_goes_on(make_pool):
     pool = make_pool([RewardSpec(f"{FNS}:sleeps", kwargs={"seconds": 60}), RewardSpec(f"{FNS}:constant")],
-                     num_actors=2, timeout_s=1.0, failure_reward=0.25)
+                     num_actors=2, timeout_s=1.0, failure_reward=0.25, max_failure_rate=1.0)
     for round_ in range(2):  # the second round also waits for the replacement actor to start
         t0 = time.monotonic()
         res = pool.score(["p"] * 3, ["a", "b", "c"])
@@ -79,7 +80,8 @@ def test_a_hung_function_times_out_and_the_pool_goes_on(make_pool):
 
 
 def test_a_dead_actor_is_replaced(make_pool):
-    pool = make_pool([RewardSpec(f"{FNS}:dies"), RewardSpec(f"{FNS}:constant")], num_actors=1, failure_reward=-2.0)
+    pool = make_pool([RewardSpec(f"{FNS}:dies"), RewardSpec(f"{FNS}:constant")], num_actors=1, failure_reward=-2.0,
+                     max_failure_rate=1.0)
     for _ in range(2):
         res = pool.score(["p"] * 2, ["a", "b"])
         assert res.per_function[f"{FNS}:dies"] == [-2.0, -2.0] and res.failures[f"{FNS}:dies"] == 2
@@ -126,3 +128,25 @@ def test_reward_model_actor_scores_like_the_model(make_pool, tiny_tokenizer_dir,
     assert res.per_function["reward_model"] == pytest.approx(want, abs=1e-4)  # batched with padding == unbatched
     assert res.total == pytest.approx([2 * w for w in want], abs=1e-4)
     assert res.failures["reward_model"] == 0
+
+
+def test_a_reward_that_fails_on_most_samples_stops_with_its_first_error_and_the_signature(make_pool):
+    """Issue 21, finding 6: a TRL-style `def f(completions, **kwargs)` raised TypeError on every batch
+    and the run went on training on failure_reward. Now a term failing on more than
+    max_failure_rate (default 0.5) of a call's samples stops, naming the error and the signature."""
+    pool = make_pool([RewardSpec("tests.actors.trl_style_reward:trl_reward"), RewardSpec(f"{FNS}:constant")],
+                     num_actors=1, batch_size=2)
+    with pytest.raises(RewardFailureError) as err:
+        pool.score(["p"] * 4, ["a", "b", "c", "d"])
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "'tests.actors.trl_style_reward:trl_reward' failed on 4 of 4 samples" in msg
+    assert "reward.max_failure_rate=0.5" in msg and "TypeError" in msg
+    assert "fn(prompts, completions, **columns) -> list[float]" in msg
+
+    # at or below the rate the failures stay isolated and counted (2 of 5 samples fail here)
+    ok = make_pool([RewardSpec(f"{FNS}:raises_on_marker", label="marker")], num_actors=1, batch_size=2)
+    res = ok.score(["p"] * 5, ["a", "b", "bad", "c", "d"])
+    assert res.failures["marker"] == 2
+    with pytest.raises(ValueError, match="max_failure_rate must be in"):
+        RewardPool(["format"], max_failure_rate=1.5)

@@ -349,14 +349,14 @@ def test_tokenising_does_not_hold_up_other_requests(tiny_dirs, monkeypatch):
     real = se.encode_prompt
 
     def slow(tok, p):
-        time.sleep(1.2)              # the fast tokenizer releases the GIL while it works
+        time.sleep(1.5)              # the fast tokenizer releases the GIL while it works
         return real(tok, p)
-
-    monkeypatch.setattr(se, "encode_prompt", slow)
 
     async def go():
         transport = httpx.ASGITransport(app=make_app(_Server(eng)))
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            await c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 1})    # warm-up
+            monkeypatch.setattr(se, "encode_prompt", slow)
             due = time.perf_counter() + 0.2      # when the small request is sent, had nothing blocked
             big = asyncio.create_task(c.post("/v1/completions", json={"prompt": "Ava has", "max_tokens": 1}))
             await asyncio.sleep(0.2)
@@ -366,7 +366,7 @@ def test_tokenising_does_not_hold_up_other_requests(tiny_dirs, monkeypatch):
 
     big, small, took = asyncio.run(go())
     assert small.status_code == 200 and big.status_code == 200
-    assert took < 0.7, f"a 2-token request waited {took:.2f}s behind another request's tokenisation"
+    assert took < 0.9, f"a 2-token request waited {took:.2f}s behind another request's tokenisation"
 
 
 def test_engine_failure_is_500_json(http, monkeypatch):

@@ -29,6 +29,10 @@ def no_run(monkeypatch):
     ran = []
     monkeypatch.setattr(jobs.sft, "run_sft", lambda cfg, task="sft": ran.append(cfg) or {})
     monkeypatch.setattr(jobs.grpo, "run_grpo", lambda cfg: ran.append(cfg) or {})
+    import cluster.ray_session  # a passing main would install its SIGINT/SIGTERM handlers in pytest
+
+    monkeypatch.setattr(cluster.ray_session, "stop_on_signals", lambda: None, raising=False)
+    monkeypatch.setattr(jobs.sft, "stop_on_signals", lambda: None, raising=False)
     return ran
 
 
@@ -142,7 +146,8 @@ def test_reward_timeout_zero_fails_at_load(tmp_path, no_run, capsys):
 
 def test_grpo_names_the_sft_warmup_config_it_checks(tmp_path, no_run, capsys):
     assert grpo(tmp_path, f"init.sft_overrides=[data.path={tmp_path / 'gone.jsonl'}]") == 2 and not no_run
-    assert _line(capsys) == f"preflight: jobs/configs/tiny-sft.yaml: data.path: '{tmp_path / 'gone.jsonl'}' does not exist"
+    gone = tmp_path / "gone.jsonl"
+    assert _line(capsys) == f"preflight: jobs/configs/tiny-sft.yaml: data.path: '{gone}' does not exist"
 
 
 def test_grpo_without_a_model_or_warmup(tmp_path, no_run, capsys):
