@@ -26,7 +26,6 @@ sequences) are global across micro-batches and ranks, so the result does not dep
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Literal

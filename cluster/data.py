@@ -290,18 +290,23 @@ def _format_name(formats: dict[str, str]) -> str:
     return "+".join(dict.fromkeys(formats.values())) or "none"
 
 
-def _bookkeeping(ds) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The small per-sequence columns of the tokenized dataset, in the driver (one pass), and the
-    first bad-row reasons in order."""
+def _bookkeeping(ds) -> tuple[dict[str, np.ndarray], list[str], dict[str, list[str]]]:
+    """The small per-sequence columns of the tokenized dataset, in the driver (one pass), the
+    first bad-row reasons in order, and the first dropped and truncated rows as file:row."""
     cols = ["_part", "_status", "_rec", "_trunc", "_chunked", "_ntok", "_ntgt", "_u"]
     parts: dict[str, list] = {k: [] for k in cols}
     reasons: list[str] = []
-    for b in ds.select_columns(cols + ["_error"]).iter_batches(batch_size=None, batch_format="numpy"):
+    where: dict[str, list[str]] = {"dropped": [], "truncated": []}
+    for b in ds.select_columns(cols + ["_error", "_src", "_row"]).iter_batches(batch_size=None, batch_format="numpy"):
         for k in cols:
             parts[k].append(b[k])
         if len(reasons) < MAX_BAD_REASONS:
             reasons += [str(e) for e in b["_error"][b["_status"] == BAD][: MAX_BAD_REASONS - len(reasons)]]
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}, reasons
+        for key, sel in (("dropped", b["_status"] == DROPPED), ("truncated", (b["_status"] == OK) & (b["_trunc"] > 0))):
+            if len(where[key]) < MAX_BAD_REASONS:
+                where[key] += [f"{src}:{row}" for src, row in zip(b["_src"][sel], b["_row"][sel])][
+                    : MAX_BAD_REASONS - len(where[key])]
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}, reasons, where
 
 
 def _eval_threshold(b: dict[str, np.ndarray], fraction: float) -> float:
@@ -412,10 +417,19 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
     ).materialize()
     tok_seconds = time.perf_counter() - t_tok
 
-    book, reasons = _bookkeeping(tokenized)
+    book, reasons, where = _bookkeeping(tokenized)
     thr = _eval_threshold(book, cfg.eval_fraction) if not eval_sources else -1.0
     counts = _count(book, thr)
     tr = counts["train"]
+    # never in silence: how many rows were cut or dropped, why, and where the first ones are
+    n_dropped = tr["rows_dropped"] + counts["eval"]["rows_dropped"]
+    if n_dropped:
+        logger.warning("dropped %d row(s) longer than data.max_seq_len=%d (data.truncation=%s) or with no target "
+                       "token left; first: %s", n_dropped, cfg.max_seq_len, cfg.truncation, ", ".join(where["dropped"]))
+    n_cut = tr["truncated"] + counts["eval"]["truncated"]
+    if n_cut:
+        logger.warning("truncated %d sequence(s) to data.max_seq_len=%d (data.truncation=truncate); first: %s",
+                       n_cut, cfg.max_seq_len, ", ".join(where["truncated"]))
     for r in reasons:
         logger.warning("bad row: %s", r)
     n_bad = tr["rows_bad"] + counts["eval"]["rows_bad"]

@@ -164,8 +164,6 @@ def save(directory: str, engine, model, state: dict, rank: int) -> None:
 
 def load(directory: str, engine) -> dict:
     """Restore weights, optimizer and schedule from `save`'s shards; returns the counters."""
-    import torch
-
     from kernels.training_state import load_tensors, read_state, restore_rng
 
     state = read_state(directory)

@@ -107,7 +107,6 @@ def bench_sft(a, device) -> dict:
     tokens = rows * a.seq * a.accum
     out = {"contender": "sft", "tokens_per_s": tokens / statistics.median(times), "tokens_per_step": tokens,
            "step_s": statistics.median(times), "peak_gib": _peak(device), "notes": notes}
-    del model, opt, graph
     return out
 
 
@@ -141,7 +140,6 @@ def bench_learner(a, device, kernels_on: bool) -> dict:
     out = {"contender": "learner" if kernels_on else "learner-plain", "tokens_per_s": statistics.median(rates),
            "tokens_per_step": a.samples * a.seq, "step_s": statistics.median(steps), "peak_gib": _peak(device),
            "notes": learner.notes}
-    del learner
     return out
 
 

@@ -54,164 +54,17 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import replace
 
 from actors import grpo_math
-from actors.learner import GRPOConfig, make_batch
-from actors.rollout import RolloutConfig
+from actors.learner import make_batch
 from cluster.run_files import RunFiles
 from jobs.config import ConfigError, dump_yaml, load
+from jobs.grpo_config import GRPOJobConfig, HeldOutEvalConfig, InitConfig, PromptDataConfig, RewardConfig
 from jobs.preflight import preflight_grpo
-from kernels.config_fields import check_ranges
-from kernels.model import ModelConfig
-from kernels.patch import KernelsConfig
 
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PromptDataConfig:
-    """Where prompts come from.
-
-    path: "builtin" (the built-in arithmetic task's train split) or a .jsonl/.json/.parquet file
-      with `question` or `prompt` columns. system_prompt: a system message before each question
-      (use the SFT run's). builtin_train_size: rows of the built-in train split.
-    """
-
-    path: str = "builtin"
-    system_prompt: str = ""
-    builtin_train_size: int = field(default=2000, metadata={"min": 1})
-
-    def __post_init__(self):
-        check_ranges(self, "data")
-        if not self.path:
-            raise ValueError("data.path: empty; expected 'builtin' or a .jsonl/.json/.parquet file")
-        if self.path != "builtin" and not os.path.exists(self.path):
-            raise ValueError(f"data.path: {self.path!r} does not exist (expected 'builtin' or a data file)")
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """Reward terms (rewards/ registry names or 'module:function', with weight/kwargs/label) and
-    the reward actor pool (actors/reward.py).
-
-    max_failure_rate: a term that fails (raises, returns bad scores, times out) on more than this
-      fraction of a scoring call's samples stops the run with its first error (1 = never stop).
-    """
-
-    functions: list[dict | str] = field(default_factory=lambda: ["math_answer"])
-    num_actors: int = field(default=1, metadata={"min": 1})
-    timeout_s: float = field(default=30.0, metadata={"gt": 0})
-    failure_reward: float = 0.0
-    batch_size: int = field(default=256, metadata={"min": 1})
-    num_cpus: float = field(default=0.25, metadata={"min": 0})
-    max_failure_rate: float = field(default=0.5, metadata={"range": (0, 1)})
-
-    def specs(self):
-        from rewards.registry import RewardSpec
-
-        return [RewardSpec.from_config(f) for f in self.functions]
-
-    def __post_init__(self):
-        check_ranges(self, "reward")
-        if not self.functions:
-            raise ValueError("reward.functions: name at least one reward (e.g. math_answer)")
-        try:
-            self.specs()
-        except Exception as e:  # noqa: BLE001 - re-raised with the key
-            raise ValueError(f"reward.functions: {e}") from None
-
-
-@dataclass(frozen=True)
-class HeldOutEvalConfig:
-    """Held-out exact-match accuracy at start and end (greedy; cluster/evaluate.py).
-
-    data: "builtin" (the built-in task's held-out split, disjoint from the train prompts) or a file.
-    """
-
-    enabled: bool = True
-    data: str = "builtin"
-    max_problems: int = field(default=200, metadata={"min": 0, "note": "0 = all"})
-    max_new_tokens: int = field(default=32, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 1})
-    backend: Literal["hf", "vllm"] = "hf"
-
-    def __post_init__(self):
-        check_ranges(self, "eval")
-
-
-@dataclass(frozen=True)
-class InitConfig:
-    """The starting model when model.path is empty: run this SFT config first (jobs.sft) for
-    sft_steps steps into OUTPUT_DIR/sft, then start GRPO from its merged model."""
-
-    sft_config: str = ""
-    sft_steps: int = field(default=0, metadata={"min": 0})
-    sft_overrides: list[str] = field(default_factory=list)
-
-    def sft_config_path(self) -> str:
-        if os.path.isabs(self.sft_config) or os.path.exists(self.sft_config):
-            return self.sft_config
-        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), self.sft_config)
-
-    def __post_init__(self):
-        check_ranges(self, "init")
-        if self.sft_config and not os.path.isfile(self.sft_config_path()):
-            raise ValueError(f"init.sft_config: {self.sft_config!r} is not a file (relative paths are "
-                             f"looked up in the working directory, then in the project root)")
-
-
-@dataclass(frozen=True)
-class GRPOJobConfig:
-    """The whole GRPO job.
-
-    output_dir: everything is written here. max_steps: GRPO steps. seed: sampling and shuffling.
-    resume: auto (continue from the newest intact checkpoint in output_dir; refused when the training
-      config differs from the run's config.yaml) | never | force (continue even with a changed config).
-    checkpoint_every / keep_checkpoints: learner + controller state every N steps; keep the last K.
-    ray_num_cpus: logical CPUs of a local Ray instance (0 = the machine's, or more if the actors
-      ask for more: phases alternate, so rollout and learner may share cores).
-    num_threads: torch threads in each rollout/learner actor (0 = Ray's default: the actor's CPUs).
-    kernels: the learner's kernels, as in SFT (kernels.patch.KernelsConfig: enabled, mode).
-    """
-
-    output_dir: str = "runs/grpo"
-    max_steps: int = field(default=20, metadata={"min": 1})
-    seed: int = 0
-    resume: Literal["auto", "never", "force"] = "auto"
-    checkpoint_every: int = field(default=10, metadata={"min": 0, "note": "0 = only at the end"})
-    keep_checkpoints: int = field(default=2, metadata={"min": 1})
-    ray_num_cpus: int = field(default=0, metadata={"min": 0, "note": "0 = the machine's"})
-    num_threads: int = field(default=0, metadata={"min": 0, "note": "0 = Ray's default"})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
-    eval: HeldOutEvalConfig = field(default_factory=HeldOutEvalConfig)
-    init: InitConfig = field(default_factory=InitConfig)
-
-    def __post_init__(self):
-        check_ranges(self, "")
-        if not self.output_dir:
-            raise ValueError("output_dir: must be set")
-        # the estimator says how many samples per prompt it needs (a group baseline: 2); the check
-        # once compared adv_estimator with the policy-loss name "reinforce", which never matched
-        need = grpo_math.min_group_size(self.grpo.adv_estimator)
-        if self.rollout.n < need:
-            raise ValueError(f"rollout.n: grpo.adv_estimator {self.grpo.adv_estimator!r} compares samples "
-                             f"within a group; need n >= {need}, got {self.rollout.n}")
-        if self.rollout.n < 2 and self.grpo.dynamic_sampling:
-            raise ValueError("grpo.dynamic_sampling: drops groups whose rewards do not vary, which needs "
-                             f"rollout.n >= 2 (got {self.rollout.n}); set grpo.dynamic_sampling=false")
-        if self.rollout.sync == "adapter" and self.model.finetune == "full":
-            raise ValueError("rollout.sync: adapter needs model.finetune lora (full fine-tuning has no adapter)")
-        if self.rollout.backend == "vllm" and self.rollout.num_gpus == 0:
-            raise ValueError("rollout.backend vllm: set rollout.num_gpus (e.g. 0.5 colocated, 1 separate)")
+__all__ = ["GRPOJobConfig", "HeldOutEvalConfig", "InitConfig", "PromptDataConfig", "RewardConfig", "main",
+           "run_grpo"]
 
 
 # ----------------------------------------------------------------------------------------------

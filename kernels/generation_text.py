@@ -114,9 +114,13 @@ def load_generation_config(path: str | None):
 
 
 def decode(tokenizer, ids: list[int]) -> str:
-    """Text of completion ids (ids outside the tokenizer, possible with padded vocabularies, dropped)."""
+    """Text of completion ids (ids outside the tokenizer, possible with padded vocabularies, dropped).
+
+    A multi-byte character whose bytes are not all there yet (a completion cut at its length
+    limit, or a stream between two tokens of one character) is left out instead of ending the
+    text in U+FFFD: streaming holds it back until its last byte arrives."""
     vocab = len(tokenizer)
-    return tokenizer.decode([i for i in ids if i < vocab], skip_special_tokens=True)
+    return tokenizer.decode([i for i in ids if i < vocab], skip_special_tokens=True).rstrip("\ufffd")
 
 
 def trim_completion(tokenizer, ids: list[int], logprobs: list[float], eos: set[int],

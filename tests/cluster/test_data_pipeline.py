@@ -243,3 +243,16 @@ def test_builtin_task_unpacked_grouped_by_length(ray_local, tiny_tokenizer_dir):
     spread = [np.ptp(lengths[i:i + 16]) for i in range(0, 288, 16)]
     assert np.mean(spread) < 0.5 * np.ptp(lengths)  # batches of similar lengths
     assert bundle.eval.count() == 20
+
+
+def test_dropped_rows_are_counted_and_named_on_the_console(ray_local, tmp_path, tiny_tokenizer_dir, caplog):
+    """truncation=drop: a row longer than max_seq_len is dropped with a warning naming file:row
+    (it used to vanish without a console line)."""
+    long = {"instruction": "word " * 200, "input": "", "output": "1"}
+    path = _write_jsonl(tmp_path / "long.jsonl", [_alpaca(1), long, _alpaca(2), _alpaca(3)])
+    cfg = DataConfig(path=path, max_seq_len=64, eval_fraction=0.0, truncation="drop")
+    with caplog.at_level(logging.WARNING, logger="posttrain.data"):
+        bundle = build_datasets(cfg, tiny_tokenizer_dir, seed=0)
+    assert bundle.stats["rows_dropped"] == 1
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) == 1 and "dropped 1 row" in lines[0] and "long.jsonl:2" in lines[0]

@@ -19,6 +19,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG = os.path.join(ROOT, "jobs", "configs", "tiny-grpo.yaml")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def own_ray():
+    """The job starts its own local Ray, sized for its actors, as a user's run does: the session's
+    shared test instance may still hold CPUs of earlier tests' actors, and then the job's actors
+    wait for CPUs until their start times out. Stopped afterwards; later tests that need Ray
+    start it again (tests/conftest.py ray_local)."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
 def warm_start(out_dir: str, steps: int = 450, batch: int = 40, lr: float = 1e-3, seed: int = 0) -> str:
     """Supervised warm-up of the tiny preset on the built-in train split; returns a model folder."""
     from cluster.builtin_task import generate, tokenizer_corpus

@@ -18,6 +18,12 @@ from sft_cli import ROOT, TINY_SFT, read_metrics, run_sft, sft_command, sft_env
 
 STEPS = 40
 ARGS = [f"max_steps={STEPS}", "trainer.checkpoint_every=10", "trainer.eval_every=20"]
+KEEP = 2  # trainer.keep_checkpoints' default
+
+
+def _checkpoint_folders(out: str) -> list[str]:
+    """Checkpoint folders (those holding trainer_state.json) under the run's checkpoints/."""
+    return [d for d, _, files in os.walk(os.path.join(out, "checkpoints")) if "trainer_state.json" in files]
 
 pytestmark = pytest.mark.e2e
 
@@ -89,6 +95,7 @@ def test_resume_after_kill_continues_with_the_same_losses(baseline, tmp_path):
     assert steps == base_steps  # no lost or repeated step
     # same data order, same RNG state: equal up to float summation noise across processes
     assert losses == pytest.approx(base_losses, rel=1e-4, abs=1e-5)
+    assert len(_checkpoint_folders(out)) == KEEP  # the killed attempt's checkpoints are pruned too
 
 
 def test_worker_killed_mid_run_restarts_from_checkpoint(baseline, tmp_path):
@@ -122,3 +129,4 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(baseline, tmp_path):
     assert steps == list(range(1, STEPS + 1))
     _, base_losses = _losses(baseline)
     assert losses == pytest.approx(base_losses, rel=1e-4, abs=1e-5)
+    assert len(_checkpoint_folders(out)) == KEEP

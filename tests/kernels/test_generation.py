@@ -245,3 +245,17 @@ def test_hf_generator_is_an_engine(tiny):
     eng.wake_up()  # no-ops for an HF engine
     with pytest.raises(NotImplementedError, match="vllm"):
         eng.load_ipc({})
+
+
+def test_a_cut_inside_a_multibyte_character_leaves_no_replacement_char(tiny_tokenizer_dir):
+    """A length cut between the bytes of one character: the text ends before it (it used to end
+    in U+FFFD)."""
+    from kernels.generation_text import decode
+    from kernels.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    ids = tok("café ok", add_special_tokens=False)["input_ids"]
+    cut = next(j for j in range(1, len(ids) + 1) if "\ufffd" in tok.decode(ids[:j]))
+    assert "\ufffd" in tok.decode(ids[:cut])  # the raw decode shows the broken character
+    assert decode(tok, ids[:cut]) == "caf"
+    assert decode(tok, ids) == "café ok"
