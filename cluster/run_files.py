@@ -107,3 +107,19 @@ class RunFiles:
             return {}
         with open(self.summary_path) as f:
             return json.load(f)
+
+
+def check_config_unchanged(saved: dict | None, current: dict, allowed: Iterable[str], *, output_dir: str,
+                           force: bool, force_key: str, tag: str) -> None:
+    """Resuming: refuse (ValueError, one line listing 'key: old -> new') when the config the
+    checkpoints were trained with (`saved`, config.yaml) differs from `current` outside `allowed`;
+    with `force` say so and go on. `force_key` is the setting that forces (named in the message)."""
+    changes = config_changes(saved, current, allowed) if saved is not None else []
+    if not changes:
+        return
+    if force:
+        print(f"[{tag}] {force_key}=force: resuming with a changed config ({'; '.join(changes)})", flush=True)
+        return
+    raise ValueError(f"output_dir {output_dir}: its checkpoints were trained with another config "
+                     f"({'; '.join(changes)}); re-run with the same values, choose a new output_dir, "
+                     f"or add {force_key}=force to resume with the new ones")

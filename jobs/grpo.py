@@ -338,21 +338,16 @@ RESUME_SAFE_KEYS = ("output_dir", "max_steps", "resume", "checkpoint_every", "ke
 def check_resume_config(cfg: GRPOJobConfig, files: RunFiles) -> None:
     """A resume whose training config differs from the run's config.yaml is refused, the differing
     keys listed (resume=force continues anyway)."""
-    from cluster.run_files import config_changes
+    from cluster.run_files import check_config_unchanged
     from jobs.config import to_dict
 
-    saved = files.read_config()
-    if cfg.resume == "never" or not checkpoints(files) or saved is None:
+    if cfg.resume == "never" or not checkpoints(files):
         return
-    changes = config_changes(saved, to_dict(cfg), RESUME_SAFE_KEYS)
-    if not changes:
-        return
-    if cfg.resume == "force":
-        print(f"[grpo] resume=force: resuming with a changed config ({'; '.join(changes)})", flush=True)
-        return
-    raise ConfigError(f"output_dir {cfg.output_dir}: its checkpoints were trained with another config "
-                      f"({'; '.join(changes)}); re-run with the same values, choose a new output_dir, "
-                      f"or add resume=force to resume with the new ones")
+    try:
+        check_config_unchanged(files.read_config(), to_dict(cfg), RESUME_SAFE_KEYS, output_dir=cfg.output_dir,
+                               force=cfg.resume == "force", force_key="resume", tag="grpo")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_prompts_per_step(cfg: GRPOJobConfig, n_prompts: int | None) -> None:

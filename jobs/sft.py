@@ -143,7 +143,7 @@ def check_resume(cfg: SFTJobConfig, files: RunFiles) -> None:
     training config differs from the run's config.yaml (unless trainer.resume=force; the differing
     keys listed), and a trainer.resume_from that is not an intact checkpoint are refused."""
     from cluster.checkpoint import checkpoint_folders, is_local_path
-    from cluster.run_files import config_changes
+    from cluster.run_files import check_config_unchanged
     from cluster.train import checkpoint_root
     from jobs.config import to_dict
 
@@ -161,18 +161,13 @@ def check_resume(cfg: SFTJobConfig, files: RunFiles) -> None:
             raise ConfigError(f"trainer.resume=never but {cfg.output_dir} already holds a run; "
                               f"choose a new output_dir or resume=auto")
         return
-    saved = files.read_config()
-    if not resumable or saved is None:
+    if not resumable:
         return
-    changes = config_changes(saved, to_dict(cfg), RESUME_SAFE_KEYS)
-    if not changes:
-        return
-    if tc.resume == "force":
-        print(f"[sft] trainer.resume=force: resuming with a changed config ({'; '.join(changes)})", flush=True)
-        return
-    raise ConfigError(f"output_dir {cfg.output_dir}: its checkpoints were trained with another config "
-                      f"({'; '.join(changes)}); re-run with the same values, choose a new output_dir, "
-                      f"or add trainer.resume=force to resume with the new ones")
+    try:
+        check_config_unchanged(files.read_config(), to_dict(cfg), RESUME_SAFE_KEYS, output_dir=cfg.output_dir,
+                               force=tc.resume == "force", force_key="trainer.resume", tag="sft")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:

@@ -15,6 +15,7 @@ from actors.learner import GRPOConfig, Learner, logprob_mismatch, make_batch
 from actors.rollout import RolloutConfig, RolloutWorker
 from kernels.model import LoraConfig, ModelConfig
 from kernels.tokenizer import load_tokenizer
+from lora_helpers import logit_hook
 
 VOCAB = 512
 MODEL = ModelConfig(preset="tiny", dtype="float32", finetune="lora", lora=LoraConfig(r=8, alpha=16))
@@ -99,19 +100,6 @@ def im_start_worker(im_start_eos_dir):
     return w
 
 
-def _forced(model, token_ids, bonus, after_calls=0):
-    calls = []
-
-    def hook(module, args, out):
-        calls.append(1)
-        if len(calls) > after_calls:
-            out = out.clone()
-            out[..., token_ids] += bonus
-        return out
-
-    return model.get_output_embeddings().register_forward_hook(hook)
-
-
 def _truncation_rate(samples):
     """What jobs/grpo.py reports as truncation_rate."""
     return sum(s.finish_reason == "length" for s in samples) / len(samples)
@@ -122,11 +110,8 @@ def test_rollout_stops_at_chat_template_end_of_turn(im_start_worker):
     im_start, im_end = w.tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert w.tok.eos_token_id == im_start
     # one batch (batch_size 4 >= 3 prompts): prefill + 1 decode step, then <|im_end|>
-    handle = _forced(w.engine.model, [im_end], 1e4, after_calls=2)
-    try:
+    with logit_hook(w.engine.model, [im_end], 1e4, after_calls=2):
         samples = _flat(w.generate(PROMPTS, seed=1))
-    finally:
-        handle.remove()
     for s in samples:
         assert s.finish_reason == "stop", s
         assert len(s.completion_token_ids) == 3 and s.completion_token_ids[-1] == im_end
@@ -137,11 +122,8 @@ def test_rollout_stops_at_chat_template_end_of_turn(im_start_worker):
 def test_rollout_length_only_at_max_tokens(im_start_worker):
     w = im_start_worker
     stops = w.tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    handle = _forced(w.engine.model, stops, -1e4)  # no stop id can be sampled
-    try:
+    with logit_hook(w.engine.model, stops, -1e4):  # no stop id can be sampled
         samples = _flat(w.generate(PROMPTS, seed=1))
-    finally:
-        handle.remove()
     assert all(s.finish_reason == "length" and len(s.completion_token_ids) == 6 == len(s.logprobs)
                for s in samples)
     assert _truncation_rate(samples) == 1.0

@@ -14,7 +14,7 @@ from kernels import export as ex
 from kernels.generation import generate_completions
 from kernels.model import PRESETS, ModelConfig, add_lora, build_model, save_adapter
 from kernels.tokenizer import load_tokenizer
-from lora_helpers import randomise_lora
+from lora_helpers import quantize_nf4_on_cpu, randomise_lora
 
 PROMPTS = ["Ava has 3 apples. Ava gets 4 more. How many apples does Ava have now?",
            "A shop had 9 cards and sold 2. How many cards does the shop have now?", "1 + 2 ="]
@@ -528,17 +528,7 @@ def test_merge_into_nf4_base_dequantises_first():
 
     cfg = ModelConfig(preset="tiny", dtype="float32")
     model = build_model(cfg, vocab_size=300, seed=0)
-    for parent in list(model.modules()):  # what kernels.qlora.quantize_linears_nf4 does, on the CPU
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.float32,
-                                      compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, blocksize=64,
-                                             compress_statistics=True, quant_type="nf4",
-                                             quant_storage=torch.uint8, module=q)._quantize("cpu")
-                setattr(parent, name, q)
-    model.is_loaded_in_4bit = True
+    quantize_nf4_on_cpu(model)  # what kernels.qlora.quantize_linears_nf4 does, on the CPU
     pm = add_lora(model, cfg)
     randomise_lora(pm)
     layer = pm.base_model.model.model.layers[1].mlp.down_proj

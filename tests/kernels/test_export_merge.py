@@ -9,7 +9,7 @@ import torch
 
 from kernels.merge import merge_adapter, merged_copy, merged_lora_state
 from kernels.model import LORA_ALL_LINEAR, LoraConfig, ModelConfig, add_lora, build_model, save_adapter
-from lora_helpers import randomise_lora
+from lora_helpers import quantize_nf4_on_cpu, randomise_lora
 
 
 def _peft_model(targets="all-linear", train_embeddings=False):
@@ -122,7 +122,6 @@ def test_merged_lora_state_on_nf4_base_cpu():
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
-        from torch import nn
 
         probe = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, blocksize=64, quant_type="nf4",
                                   compress_statistics=True, quant_storage=torch.uint8)._quantize("cpu")
@@ -131,17 +130,7 @@ def test_merged_lora_state_on_nf4_base_cpu():
         pytest.skip("bitsandbytes cannot quantise NF4 on this CPU")
     cfg = ModelConfig(preset="tiny", dtype="float32", lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
     model = build_model(cfg, vocab_size=320, seed=0)
-    for parent in list(model.modules()):  # what kernels.qlora.quantize_linears_nf4 does, on the CPU
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.float32,
-                                      compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, blocksize=64,
-                                             compress_statistics=True, quant_type="nf4",
-                                             quant_storage=torch.uint8, module=q)._quantize("cpu")
-                setattr(parent, name, q)
-    model.is_loaded_in_4bit = True
+    quantize_nf4_on_cpu(model)  # what kernels.qlora.quantize_linears_nf4 does, on the CPU
     pm = add_lora(model, cfg)
     randomise_lora(pm)
     layer = pm.base_model.model.model.layers[2].self_attn.q_proj

@@ -12,6 +12,7 @@ from kernels.generation import (HFGenerator, end_of_turn_ids, generate, generate
                                 stop_token_ids, trim_completion)
 from kernels.model import ModelConfig, build_model
 from kernels.tokenizer import load_tokenizer
+from lora_helpers import logit_hook
 
 
 @pytest.fixture(scope="module")
@@ -167,25 +168,6 @@ def test_stop_token_ids_without_chat_template(tiny_tokenizer_dir):
 
 
 @contextlib.contextmanager
-def _logit_hook(model, token_ids: list[int], bonus: float, after_calls: int = 0):
-    """Add `bonus` to the logits of token_ids from the (after_calls + 1)-th forward on."""
-    calls = []
-
-    def hook(module, args, out):
-        calls.append(1)
-        if len(calls) > after_calls:
-            out = out.clone()
-            out[..., token_ids] += bonus
-        return out
-
-    handle = model.get_output_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
 def _no_config_eos(model):
     """The tiny preset's generation_config names id 2 (<|im_end|> here) as eos: drop it, so that
     only the tokenizer and the chat template can tell where a completion ends."""
@@ -203,9 +185,9 @@ def test_stops_at_chat_template_end_of_turn_not_only_eos(tiny, im_start_eos_tok)
     im_end = _id(tok, "<|im_end|>")
     msgs = [[{"role": "user", "content": "1 + 2"}]]
     with _no_config_eos(model):
-        with _logit_hook(model, [im_end], 1e4, after_calls=2):  # prefill + 1 step, then <|im_end|>
+        with logit_hook(model, [im_end], 1e4, after_calls=2):  # prefill + 1 step, then <|im_end|>
             c = generate_completions(model, tok, msgs, max_new_tokens=6, logprobs=True)[0][0]
-        with _logit_hook(model, [im_end], 1e4, after_calls=2):
+        with logit_hook(model, [im_end], 1e4, after_calls=2):
             eos_only = generate_completions(model, tok, msgs, max_new_tokens=6, stop_ids=[tok.eos_token_id])[0][0]
     assert c.finish_reason == "stop" and len(c.token_ids) == 3 and c.token_ids[-1] == im_end
     assert "<|im_end|>" not in c.text and len(c.logprobs) == 3
@@ -218,12 +200,12 @@ def test_length_only_at_max_tokens(tiny, im_start_eos_tok):
     model, _ = tiny
     tok = im_start_eos_tok
     stops = stop_token_ids(tok, model.generation_config)
-    with _logit_hook(model, stops, -1e4):  # no stop id can be sampled
+    with logit_hook(model, stops, -1e4):  # no stop id can be sampled
         outs = generate_completions(model, tok, PROMPTS, max_new_tokens=5, n=2, temperature=1.0, logprobs=True)
     for row in outs:
         for c in row:
             assert c.finish_reason == "length" and len(c.token_ids) == 5 == len(c.logprobs)
-    with _logit_hook(model, [stops[-1]], 1e4, after_calls=1):  # a stop id right away, ignored on request
+    with logit_hook(model, [stops[-1]], 1e4, after_calls=1):  # a stop id right away, ignored on request
         c = generate_completions(model, tok, PROMPTS[:1], max_new_tokens=4, ignore_eos=True)[0][0]
     assert c.finish_reason == "length" and len(c.token_ids) == 4
 
