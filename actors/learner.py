@@ -68,8 +68,14 @@ class GRPOConfig:
     old_logprobs: learner (recompute with the pre-update policy) | rollout (the engine's logprobs:
       true behaviour policy, includes train/inference mismatch).
     max_len_norm: the constant of seq-mean-token-sum-norm (0 = rollout.max_tokens).
-    dynamic_sampling / max_refill_rounds: drop zero-variance groups and sample up to this many
-      extra rounds of prompts to refill the batch (DAPO).
+    dynamic_sampling: drop the groups whose rewards are all equal (DAPO); a step over-samples
+      prompts in its one generate call and trains on prompts_per_step groups that vary
+      (jobs/grpo_sampling.py).
+    oversample: prompts generated per step = ceil(prompts_per_step x factor), factor >= this.
+    adaptive_oversample: raise the factor to 1.15 / (the fraction of groups kept so far, a moving
+      average), at most max_oversample.
+    max_refill_rounds: extra serial rounds of prompts when a step still has fewer groups with a
+      signal than prompts_per_step (a fallback; each costs a generate call).
     async_mode: off | one_step (rollout of step k+1 overlaps the update of step k).
     num_learners, num_cpus, num_gpus: learner actors and their resources.
     """
@@ -97,7 +103,10 @@ class GRPOConfig:
     old_logprobs: Literal["learner", "rollout"] = "learner"
     max_len_norm: int = field(default=0, metadata={"min": 0, "note": "0 = rollout.max_tokens"})
     dynamic_sampling: bool = True
-    max_refill_rounds: int = field(default=2, metadata={"min": 0})
+    oversample: float = field(default=1.0, metadata={"min": 1})
+    adaptive_oversample: bool = True
+    max_oversample: float = field(default=4.0, metadata={"min": 1})
+    max_refill_rounds: int = field(default=1, metadata={"min": 0})
     async_mode: Literal["off", "one_step"] = "off"
     num_learners: int = field(default=1, metadata={"min": 1})
     num_cpus: float = field(default=1.0, metadata={"min": 0})

@@ -45,7 +45,10 @@ class RolloutConfig:
       applies the adapter) .
     transport: auto (object_store on CPU, ipc when colocated on GPU, broadcast when separate) |
       object_store | ipc | broadcast.
-    gpu_memory_utilization, enforce_eager, max_model_len, sleep_level: vLLM engine settings.
+    gpu_memory_utilization, max_model_len, sleep_level: vLLM engine settings.
+    enforce_eager: vLLM without CUDA graphs (slower decoding; faster start). Default false.
+    prefix_caching: vLLM prefix caching (shares a prompt's prefill among its n samples; reset
+      after each weight sync).
     ignore_eos: generate exactly max_tokens tokens (benchmarks, fixed-length tests).
     """
 
@@ -63,7 +66,8 @@ class RolloutConfig:
     sync: Literal["merged", "adapter"] = "merged"
     transport: Literal["auto", "object_store", "ipc", "broadcast"] = "auto"
     gpu_memory_utilization: float = field(default=0.4, metadata={"gt": 0, "max": 1})
-    enforce_eager: bool = True
+    enforce_eager: bool = False
+    prefix_caching: bool = True
     max_model_len: int = field(default=2048, metadata={"min": 1})
     sleep_level: int = 1
     ignore_eos: bool = False

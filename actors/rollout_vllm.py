@@ -12,7 +12,12 @@ the worker's model through `llm.collective_rpc(<extension method>)` and the mode
 
 Colocated (one GPU shared with the learner): `sleep()` after generation offloads the weights
 and drops the KV cache (sleep level 1); before the next generation the weights are woken first,
-the new weights loaded, then the KV cache is re-allocated.
+the new weights loaded, then the KV cache is re-allocated. CUDA graphs (rollout.enforce_eager
+false, the default) survive this: sleep mode keeps the memory's virtual addresses, so the
+captured graphs replay on the woken buffers.
+
+One generate call per step takes every prompt x n (SamplingParams(n=...)); with prefix caching
+on, the n samples of a prompt share its prefill; the cache is reset after each weight sync.
 
 Logprobs: `logprobs_mode="processed_logprobs"` (after temperature), `SamplingParams(logprobs=0)`
 returns the sampled token's logprob at each position.
@@ -107,7 +112,7 @@ class VLLMEngine(Engine):
                   gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
                   max_model_len=cfg.max_model_len, enable_sleep_mode=self.colocated,
                   worker_extension_cls="actors.rollout_vllm.WeightSyncExtension",
-                  logprobs_mode="processed_logprobs", enable_prefix_caching=False)
+                  logprobs_mode="processed_logprobs", enable_prefix_caching=cfg.prefix_caching)
         if cfg.sync == "adapter":
             if lora is None:
                 raise ValueError("rollout.sync adapter needs model.finetune lora")
@@ -150,20 +155,31 @@ class VLLMEngine(Engine):
     def _rpc(self, method: str, *args):
         return self.llm.collective_rpc(method, args=args)[0]
 
+    def _weights_changed(self) -> None:
+        """Cached prompt KV blocks were computed by the old weights: drop them."""
+        if self.cfg.prefix_caching and hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+
     def load_state(self, named) -> int:
         self.wake_up(["weights"])
-        return self._rpc("load_named", list(named))
+        count = self._rpc("load_named", list(named))
+        self._weights_changed()
+        return count
 
     def load_ipc(self, handles: dict) -> int:
         self.wake_up(["weights"])
-        return self._rpc("load_ipc", handles)
+        count = self._rpc("load_ipc", handles)
+        self._weights_changed()
+        return count
 
     def init_weight_group(self, host, port, rank, world_size, backend) -> bool:
         return self._rpc("init_weight_group", host, port, rank, world_size, backend)
 
     def receive_weights(self) -> int:
         self.wake_up(["weights"])
-        return self._rpc("receive_weights")
+        count = self._rpc("receive_weights")
+        self._weights_changed()
+        return count
 
     def load_adapter(self, state: dict, lora: LoraConfig) -> int:
         from peft import LoraConfig as PeftLoraConfig
@@ -181,6 +197,7 @@ class VLLMEngine(Engine):
             json.dump(conf, f, default=str)
         # a new id per version: vLLM caches adapters by id
         self.lora_request = LoRARequest(f"policy-v{self.adapter_version}", self.adapter_version, path)
+        self._weights_changed()
         return len(state)
 
     def weight_checksum(self, names: list[str]) -> dict:

@@ -13,7 +13,8 @@ installed or crashes is reported with its error line; the run goes on.
 
 The contenders' code is in jobs/bench_worker.py (one process each); this module orchestrates.
 `posttrain bench learner ...` compares the GRPO learner's update with our SFT step on one model
-(jobs/bench_learner.py; `posttrain bench learner --help`).
+(jobs/bench_learner.py; `posttrain bench learner --help`); `posttrain bench grpo ...` a whole GRPO
+step against TRL's GRPOTrainer and plain vLLM (jobs/bench_grpo.py; `posttrain bench grpo --help`).
 
 Contenders (--peers; ours always runs first):
   ours          build_model / build_qlora_model + add_lora (PEFT) + patch_model (Triton ops) +
@@ -495,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.bench_learner import main as learner_main
 
         return learner_main(argv[1:])
+    if argv and argv[0] == "grpo":  # a GRPO step against TRL and plain vLLM (jobs/bench_grpo.py)
+        from jobs.bench_grpo import main as grpo_main
+
+        return grpo_main(argv[1:])
     a = parse_args(argv)
     a.argv = argv
     if a.cmd == "nf4":

@@ -10,7 +10,7 @@ COMMANDS = {
     "cpt": ("jobs.cpt", "continued pre-training on raw text"),
     "grpo": ("jobs.grpo", "GRPO reinforcement learning (vLLM/HF rollouts, reward actors, learner)"),
     "serve": ("jobs.serve", "OpenAI-compatible endpoint on Ray Serve"),
-    "bench": ("jobs.bench", "benchmark against the peers (HF+PEFT, Liger, Unsloth)"),
+    "bench": ("jobs.bench", "benchmark against the peers (SFT: HF+PEFT, Liger, Unsloth; grpo: TRL, plain vLLM)"),
     "bench-scale": ("jobs.bench_scale", "SFT throughput across strategies and worker counts (DDP, ZeRO-2/3)"),
     "export": ("jobs.export", "export a run: adapter, merged16, merged4, gguf"),
     "eval": ("jobs.eval", "exact-match evaluation (greedy or self-consistency)"),

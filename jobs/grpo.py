@@ -10,8 +10,9 @@ What it does, top to bottom (`run_grpo`):
   4. held-out greedy exact-match accuracy of the starting model (cluster.evaluate) -> eval_accuracy_start;
   5. the actors: rollout workers (HF generate on CPU, vLLM on GPU), learner(s), reward pool, weight sync;
   6. per step, each phase timed: sample `grpo.prompts_per_step` prompts x `rollout.n` completions;
-     score them (RewardPool); group-normalised advantages; dynamic sampling drops the groups whose
-     rewards are all equal and samples more prompts (up to grpo.max_refill_rounds extra rounds);
+     score them (RewardPool); group-normalised advantages; dynamic sampling over-samples prompts in
+     the same generate call and trains on prompts_per_step groups whose rewards vary
+     (jobs/grpo_sampling.py; grpo.max_refill_rounds extra rounds when a step still falls short);
      learner update(s); weights to the rollout engines; a line of OUTPUT_DIR/metrics.jsonl;
      a checkpoint every `checkpoint_every` steps;
   7. the final merged model (OUTPUT_DIR/merged, + OUTPUT_DIR/adapter for LoRA), held-out accuracy again
@@ -35,8 +36,9 @@ Dr. GRPO: Liu et al. 2025), all deliberate:
   - "Old" logprobs are recomputed by the learner only when a batch takes more than one optimizer
     step; with one step the ratio is exactly 1 and the recompute is skipped (its value is known).
     grpo.old_logprobs=rollout uses the engine's logprobs instead (the true behaviour policy).
-  - Dynamic sampling (DAPO) is bounded: after max_refill_rounds extra rounds the step trains on
-    the groups it has (possibly fewer than prompts_per_step); a step with none skips the update.
+  - Dynamic sampling (DAPO) over-samples prompts in one generate call instead of DAPO's repeated
+    sampling, and is bounded: after max_refill_rounds extra rounds the step trains on the groups
+    it has (possibly fewer than prompts_per_step); a step with none skips the update.
     DAPO's overlong reward shaping is a reward function (rewards.length:overlong_penalty), not built in.
   - GSPO is implemented in its GSPO-token form (same value and gradient as the sequence objective
     for outcome rewards); use it with loss_agg seq-mean-token-mean and small eps (3e-4, 4e-4).
@@ -50,7 +52,6 @@ import glob
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -61,10 +62,11 @@ from actors.learner import make_batch
 from cluster.run_files import RunFiles
 from jobs.config import ConfigError, dump_yaml, load
 from jobs.grpo_config import GRPOJobConfig, HeldOutEvalConfig, InitConfig, PromptDataConfig, RewardConfig
+from jobs.grpo_sampling import Oversampler, PromptStream
 from jobs.preflight import preflight_grpo
 
-__all__ = ["GRPOJobConfig", "HeldOutEvalConfig", "InitConfig", "PromptDataConfig", "RewardConfig", "main",
-           "run_grpo"]
+__all__ = ["GRPOJobConfig", "HeldOutEvalConfig", "InitConfig", "PromptDataConfig", "PromptStream", "RewardConfig",
+           "main", "run_grpo"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +83,16 @@ def init_ray(cfg: GRPOJobConfig):
 
 
 def prepare_start_model(cfg: GRPOJobConfig, files: RunFiles) -> GRPOJobConfig:
-    """model.path, or the merged model of an SFT run made here (init.sft_config)."""
+    """model.path (a .gguf file converted once to OUTPUT_DIR/base: the engines load a folder),
+    or the merged model of an SFT run made here (init.sft_config)."""
+    from kernels.model import gguf_to_folder, is_gguf
+
+    if cfg.model.path and is_gguf(cfg.model.path):
+        base = files.path("base")
+        print(f"[grpo] {cfg.model.path}: a .gguf file, converted to a model folder {base} (once)", flush=True)
+        gguf_to_folder(cfg.model.path, base, dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)
+        tok = cfg.model.tokenizer if cfg.model.tokenizer and not is_gguf(cfg.model.tokenizer) else base
+        return replace(cfg, model=replace(cfg.model, path=base, tokenizer=tok))
     if cfg.model.path or not cfg.init.sft_config:
         return cfg
     sft_dir = files.path("sft")
@@ -150,23 +161,6 @@ def read_prompts(cfg: PromptDataConfig) -> list[dict]:
     if not out:
         raise ConfigError(f"data.path: {cfg.path!r} holds no prompts")
     return out
-
-
-class PromptStream:
-    """Deterministic epochs over the prompt rows; its position is saved with each checkpoint."""
-
-    def __init__(self, rows: list[dict], seed: int, position: int = 0):
-        self.rows, self.seed, self.position = rows, seed, position
-
-    def take(self, k: int) -> list[dict]:
-        out = []
-        for _ in range(k):
-            epoch, i = divmod(self.position, len(self.rows))
-            order = list(range(len(self.rows)))
-            random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            out.append(self.rows[order[i]])
-            self.position += 1
-        return out
 
 
 def held_out_accuracy(cfg: GRPOJobConfig, model_dir: str, tok_dir: str) -> dict:
@@ -245,7 +239,8 @@ def prune_checkpoints(files: RunFiles, keep: int, protect: str, step: int) -> No
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def save_checkpoint(files: RunFiles, learners, step: int, stream: PromptStream, keep: int) -> str:
+def save_checkpoint(files: RunFiles, learners, step: int, stream: PromptStream, keep: int,
+                    keep_fraction: float | None = None) -> str:
     """The learner's state and the controller's position as checkpoints/step_NNNNNN. Written under
     a .partial name and renamed when complete, so a save cut off by Ctrl-C never looks like a
     checkpoint; then pruned to `keep` folders, counting earlier attempts' too."""
@@ -254,7 +249,7 @@ def save_checkpoint(files: RunFiles, learners, step: int, stream: PromptStream, 
     shutil.rmtree(tmp, ignore_errors=True)
     learners.save(tmp)
     with open(os.path.join(tmp, "controller.json"), "w") as f:
-        json.dump({"step": step, "prompt_position": stream.position}, f)
+        json.dump({"step": step, "prompt_position": stream.position, "keep_fraction": keep_fraction}, f)
     shutil.rmtree(path, ignore_errors=True)  # the same step, saved by an attempt that was cut off
     os.replace(tmp, path)
     prune_checkpoints(files, keep, protect=path, step=step)
@@ -321,7 +316,8 @@ def print_step(r: dict, max_steps: int) -> None:
           + (f"  kl {r['kl']:.4f}" if "kl" in r else "")
           + (f"  clip {r['clip_frac']:.3f}" if "clip_frac" in r else "")
           + f"  | rollout {r['time/rollout_s']:.1f}s reward {r['time/reward_s']:.1f}s "
-            f"update {r['time/update_s']:.1f}s sync {r['time/sync_s']:.2f}s", flush=True)
+            f"update {r['time/update_s']:.1f}s sync {r['time/sync_s']:.2f}s other {r.get('time/other_s', 0.0):.2f}s",
+          flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +421,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     # resume: from the newest intact checkpoint (a corrupt or torn one is named and passed over)
     stream = PromptStream(rows, cfg.seed)
     first_step = 0
+    resumed: dict = {}  # the controller state of the checkpoint resumed from
     last = None
     if cfg.resume != "never":
         from kernels.training_state import newest_intact
@@ -434,9 +431,9 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
             flush=True))
     if last is not None:
         with open(os.path.join(last, "controller.json")) as f:
-            state = json.load(f)
+            resumed = json.load(f)
         learners.load(last)
-        first_step, stream.position = state["step"], state["prompt_position"]
+        first_step, stream.position = resumed["step"], resumed["prompt_position"]
         prune_checkpoints(files, cfg.keep_checkpoints, protect=last, step=first_step)
         files.truncate_metrics_after(first_step)
         sync.push(version=first_step)
@@ -446,25 +443,28 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     adv_fn = grpo_math.get_adv_est(cfg.grpo.adv_estimator)
     acc_key = accuracy_term(cfg)
     P, n = cfg.grpo.prompts_per_step, cfg.rollout.n
+    dynamic = cfg.grpo.dynamic_sampling
     async_on = cfg.grpo.async_mode == "one_step"
+    over = Oversampler(cfg.grpo, keep_fraction=resumed.get("keep_fraction"))
+
+    def launch(step: int, groups: int, round_: int = 0):
+        """Prompts for `groups` trained groups, over-sampled (dynamic sampling), in one generate call."""
+        ps = stream.take(over.prompts(groups, len(rows)))
+        return ps, rollouts.generate_async([p["prompt"] for p in ps], seed=cfg.seed * 7919 + step + 100_000 * round_)
+
     pending = None  # (prompts, in-flight generation) of the next step, async mode
     version = first_step  # the weights version the engines hold (bumped by every push)
     for step in range(first_step, max(first_step, cfg.max_steps)):
         t_step = time.perf_counter()
         timing: dict[str, float] = {}
         v_before = version
+        factor = over.factor(P)
 
         # rollouts (async: collected from the previous step's launch, then the next one launched)
         t = time.perf_counter()
-        if pending is None:
-            prompts = stream.take(P)
-            pending = (prompts, rollouts.generate_async([p["prompt"] for p in prompts], seed=cfg.seed * 7919 + step))
-        prompts, refs = pending
+        prompts, refs = pending if pending is not None else launch(step, P)
         groups = rollouts.collect(refs)
-        pending = None
-        if async_on and step + 1 < cfg.max_steps:
-            nxt = stream.take(P)
-            pending = (nxt, rollouts.generate_async([p["prompt"] for p in nxt], seed=cfg.seed * 7919 + step + 1))
+        pending = launch(step + 1, P) if async_on and step + 1 < cfg.max_steps else None
         timing["rollout_s"] = time.perf_counter() - t
 
         # rewards
@@ -472,19 +472,20 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         rewards, res = score(pool, prompts, groups)
         timing["reward_s"] = time.perf_counter() - t
 
-        # advantages; dynamic sampling refills the batch with groups that carry a signal
+        # advantages; dynamic sampling trains on P groups that carry a signal (over-sampled above;
+        # a refill round only when a step still falls short)
         all_rewards, all_groups = list(rewards), list(groups)
         reward_results = [res]
         refill_rounds = 0
         while True:
             gid = torch.arange(len(all_groups)).repeat_interleave(n)
             keep = grpo_math.groups_with_variance(torch.tensor(all_rewards), gid).tolist()
-            if not cfg.grpo.dynamic_sampling or sum(keep) >= P or refill_rounds >= cfg.grpo.max_refill_rounds:
+            if not dynamic or sum(keep) >= P or refill_rounds >= cfg.grpo.max_refill_rounds:
                 break
             refill_rounds += 1
             t = time.perf_counter()
-            more = stream.take(P - sum(keep))
-            extra = rollouts.generate([p["prompt"] for p in more], seed=cfg.seed * 7919 + step + 100_000 * refill_rounds)
+            more, refs = launch(step, P - sum(keep), refill_rounds)
+            extra = rollouts.collect(refs)
             timing["rollout_s"] += time.perf_counter() - t
             t = time.perf_counter()
             r2, res2 = score(pool, more, extra)
@@ -492,8 +493,9 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
             all_rewards += r2
             all_groups += extra
             reward_results.append(res2)
-        kept = [i for i, k in enumerate(keep) if k] if cfg.grpo.dynamic_sampling else list(range(len(all_groups)))
-        kept = kept[:P]
+        if dynamic:
+            over.observe(sum(keep), len(all_groups))
+        kept = Oversampler.select(keep, P, dynamic)
         rewards_t = torch.tensor(all_rewards).view(-1, n)                     # [G, n]
         train_rewards = rewards_t[kept].reshape(-1)
         adv = adv_fn(train_rewards, torch.arange(len(kept)).repeat_interleave(n)).tolist()
@@ -513,21 +515,24 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
             si = sync.push(version=version)
         timing["sync_s"] = time.perf_counter() - t
 
-        # metrics of this step
+        # metrics of this step; the phases add up to time/step_s with time/other_s (advantages,
+        # batching, bookkeeping)
         record = step_record(step + 1, all_groups, all_rewards, keep, kept, samples, train_rewards.tolist(),
                              refill_rounds, reward_results, acc_key, lm, si, timing, v_before)
+        record["groups/oversample"] = factor
         record["time/step_s"] = time.perf_counter() - t_step
+        record["time/other_s"] = max(0.0, record["time/step_s"] - sum(timing.values()))
         files.log_metrics(record)
         print_step(record, cfg.max_steps)
 
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(files, learners, step + 1, stream, cfg.keep_checkpoints)
+            save_checkpoint(files, learners, step + 1, stream, cfg.keep_checkpoints, over.keep_fraction)
 
     if pending is not None:  # async: a generation nobody will train on
         rollouts.collect(pending[1])
 
     # 7. final model and held-out accuracy
-    save_checkpoint(files, learners, cfg.max_steps, stream, cfg.keep_checkpoints)
+    save_checkpoint(files, learners, cfg.max_steps, stream, cfg.keep_checkpoints, over.keep_fraction)
     merged = learners.save_merged(files.path("merged"), tok_dir)
     if cfg.model.finetune != "full":
         learners.save_adapter(files.path("adapter"))

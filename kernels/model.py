@@ -150,6 +150,32 @@ def gguf_args(path: str) -> tuple[tuple, dict]:
     return (path,), {}
 
 
+def gguf_to_folder(path: str, out_dir: str, dtype: str = "bfloat16") -> str:
+    """A .gguf file as a Hugging Face model folder (weights dequantised to `dtype`, its tokenizer
+    beside them), written once: engines that load from disk (vLLM) and peers need a folder.
+    Returns out_dir; an existing complete folder is reused."""
+    from kernels.tokenizer import load_tokenizer
+
+    if os.path.exists(os.path.join(out_dir, "config.json")) and os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
+        return out_dir
+    model = build_model(ModelConfig(path=path, dtype=dtype), device="cpu")
+    # transformers marks a model read from GGUF as quantised and refuses to save it; its weights
+    # are plain dequantised tensors by now, so it is saved as a plain model
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir + ".partial"
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+    load_tokenizer(path).save_pretrained(tmp)
+    if os.path.exists(out_dir):
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
 def hf_config(preset: str, **overrides):
     """The transformers config of a preset, with overrides (e.g. vocab_size=...)."""
     from transformers import AutoConfig

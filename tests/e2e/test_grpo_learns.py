@@ -92,6 +92,13 @@ def test_grpo_raises_held_out_accuracy(tmp_path):
     assert a1 - a0 >= 0.04, f"held-out accuracy did not rise enough: {a0:.3f} -> {a1:.3f}"
     assert {"kl", "clip_frac", "entropy", "time/rollout_s", "time/update_s", "time/sync_s",
             "truncation_rate", "response_length/mean"} <= set(rows[-1])
+    for r in rows:  # the phases add up to the step time
+        parts = sum(r[f"time/{k}"] for k in ("rollout_s", "reward_s", "update_s", "sync_s", "other_s"))
+        assert abs(parts - r["time/step_s"]) < 1e-6, r
+        # dynamic sampling over-samples in one call; a step short of prompts_per_step groups with a
+        # signal has used its refill round first
+        assert r["groups/kept"] == cfg.grpo.prompts_per_step or r["groups/refill_rounds"] == cfg.grpo.max_refill_rounds
+    assert any(r["groups/total"] > cfg.grpo.prompts_per_step and r["groups/refill_rounds"] == 0 for r in rows)
 
 
 @pytest.mark.e2e
