@@ -77,6 +77,9 @@ class GRPOConfig:
     max_refill_rounds: extra serial rounds of prompts when a step still has fewer groups with a
       signal than prompts_per_step (a fallback; each costs a generate call).
     async_mode: off | one_step (rollout of step k+1 overlaps the update of step k).
+    cuda_graphs: on a GPU, each micro-batch's forward + backward is one replayed CUDA graph (the
+      batch packed into fixed-shape micro-batches: actors/learner_graph.py), as in SFT; off, or
+      where a graph cannot be used (policy_loss gspo, an unsupported model), the eager path.
     num_learners, num_cpus, num_gpus: learner actors and their resources.
     """
 
@@ -108,6 +111,7 @@ class GRPOConfig:
     max_oversample: float = field(default=4.0, metadata={"min": 1})
     max_refill_rounds: int = field(default=1, metadata={"min": 0})
     async_mode: Literal["off", "one_step"] = "off"
+    cuda_graphs: bool = True
     num_learners: int = field(default=1, metadata={"min": 1})
     num_cpus: float = field(default=1.0, metadata={"min": 0})
     num_gpus: float = field(default=0.0, metadata={"min": 0})
@@ -177,6 +181,12 @@ class Learner:
         self.step = 0
         self.group = None  # broadcast WeightGroup (rank 0 only)
         self._keepalive = None  # tensors whose CUDA IPC handles are out
+        # fixed-shape micro-batches replayed as CUDA graphs (GPU); else the eager packed path
+        from actors.learner_graph import FixedShapeLoss, unsupported
+
+        why = unsupported(cfg, self.model, self.device)
+        self.fixed = FixedShapeLoss(self) if why is None else None
+        self.notes["learner_cuda_graphs"] = "on" if why is None else f"off ({why})"
 
     # -- distributed ---------------------------------------------------------------------
 
@@ -331,7 +341,9 @@ class Learner:
         # metrics stay on the device until the step ends: no host sync between micro-batches, so
         # the next micro-batch's forward is queued while this one's backward runs
         acc: dict[str, torch.Tensor] = {}
-        for idx, t in self._micro_batches(part) if n_local else []:
+        if self.fixed is not None and n_local:
+            acc, tok_w_total = self.fixed.accumulate(part, num_tokens, num_seqs)
+        for idx, t in self._micro_batches(part) if n_local and self.fixed is None else []:
             sub = select(part, idx)
             with self._amp():
                 lp, ent = packed_logprobs(self.model, t, self.temperature, cfg.logprob_chunk_size)

@@ -132,3 +132,81 @@ def pack_micro_batch(batch: dict, pad_id: int = 0, row_tokens: int = 0) -> dict[
             "index": torch.tensor([i * L + o for i, o in where], dtype=torch.long),
             "targets": torch.tensor([t for c in batch["completion_ids"] for t in c], dtype=torch.long),
             **_per_sequence(batch)}
+
+
+def fixed_row_length(batch: dict, granularity: int = 256) -> int:
+    """The row length of fixed-shape micro-batches: the longest sequence rounded up, so steps
+    whose longest sequence falls in the same bucket share one shape (one CUDA graph)."""
+    longest = max((sequence_tokens(batch, i) for i in range(batch_size(batch))), default=1)
+    return -(-longest // granularity) * granularity
+
+
+def pack_fixed(batch: dict, pad_id: int, rows: int, row_len: int, max_sequences: int = 0,
+               loss_agg: str = "token-mean") -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Micro-batches of one fixed shape, for a replayed CUDA graph (actors/learner_graph.py).
+
+    Sequences (prompt + completion, each at most `row_len` tokens) are laid end to end in `rows`
+    rows of `row_len` tokens, positions restarting per sequence (as pack_micro_batch); unused rows
+    and tails are padding. Everything the loss reads is per position of the flattened [rows *
+    row_len] layout, so no tensor's shape depends on the sequences:
+      targets   the completion token position t predicts (0 where t predicts none)
+      mask      1.0 where t predicts a completion token
+      adv       the sequence's advantage at those positions
+      weight    the aggregation weight of the token: 1, or 1 / (completion length) for
+                seq-mean-token-mean (the normaliser itself is the caller's scale)
+      rollout_logprobs, and old_logprobs / ref_logprobs when the batch has them.
+    Returns [(sequence indices, tensors)], on the CPU.
+    """
+    if rows < 1 or row_len < 1:
+        raise ValueError(f"pack_fixed: rows and row_len must be >= 1, got {rows}, {row_len}")
+    extra = [k for k in ("old_logprobs", "ref_logprobs") if k in batch]
+    out: list[tuple[list[int], dict[str, torch.Tensor]]] = []
+    T = rows * row_len
+
+    def new():
+        return {"idx": [], "row": 0, "off": 0,
+                "input_ids": torch.full((rows, row_len), pad_id, dtype=torch.long),
+                "position_ids": torch.arange(row_len).repeat(rows, 1),
+                "targets": torch.zeros(T, dtype=torch.long), "mask": torch.zeros(T),
+                "adv": torch.zeros(T), "weight": torch.zeros(T), "rollout_logprobs": torch.zeros(T),
+                **{k: torch.zeros(T) for k in extra}}
+
+    def close(mb):
+        if mb["idx"]:
+            if mb["off"]:  # the last row's padding continues its last sequence's positions
+                r, o = mb["row"], mb["off"]
+                last = int(mb["position_ids"][r, o - 1]) + 1
+                mb["position_ids"][r, o:] = torch.arange(last, last + row_len - o)
+            out.append((mb.pop("idx"), {k: v for k, v in mb.items() if k not in ("row", "off")}))
+
+    mb = new()
+    for i in range(batch_size(batch)):
+        p, c = batch["prompt_ids"][i], batch["completion_ids"][i]
+        n = len(p) + len(c)
+        if n > row_len:
+            raise ValueError(f"pack_fixed: sequence {i} has {n} tokens, more than a row's {row_len}")
+        if mb["off"] + n > row_len:  # next row (its predecessor's padding continues its positions)
+            r, o = mb["row"], mb["off"]
+            if o:
+                last = int(mb["position_ids"][r, o - 1]) + 1
+                mb["position_ids"][r, o:] = torch.arange(last, last + row_len - o)
+            mb["row"], mb["off"] = mb["row"] + 1, 0
+        if mb["row"] >= rows or (max_sequences and len(mb["idx"]) >= max_sequences):
+            close(mb)
+            mb = new()
+        r, o = mb["row"], mb["off"]
+        mb["input_ids"][r, o:o + n] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        mb["position_ids"][r, o:o + n] = torch.arange(n)
+        if c:
+            at = r * row_len + o + len(p) - 1 + torch.arange(len(c))  # positions predicting the completion
+            mb["targets"][at] = torch.tensor(c, dtype=torch.long)
+            mb["mask"][at] = 1.0
+            mb["adv"][at] = float(batch["advantages"][i])
+            mb["weight"][at] = 1.0 / len(c) if loss_agg == "seq-mean-token-mean" else 1.0
+            mb["rollout_logprobs"][at] = torch.tensor(batch["rollout_logprobs"][i][:len(c)], dtype=torch.float32)
+            for k in extra:
+                mb[k][at] = torch.tensor(batch[k][i][:len(c)], dtype=torch.float32)
+        mb["idx"].append(i)
+        mb["off"] += n
+    close(mb)
+    return out

@@ -14,8 +14,17 @@ runs past `timeout_s` gives `failure_reward` for that task's samples; the sample
 counted (failures / timeouts, per term), the message logged, and scoring goes on. A worker
 that times out is killed (its Python code cannot be interrupted otherwise) and replaced in
 the background. A term that fails on more than `max_failure_rate` of a call's samples raises
-`RewardFailureError` with its first error and the signature a reward function must have: a run
+`RewardFailureError` with its first error and the call a reward function must take: a run
 whose reward never works stops instead of training on `failure_reward`.
+
+Reward functions are called with keywords only (rewards/registry.py): prompts=, completions=,
+every column of `score`'s `columns` by name (the GRPO job adds completion_lengths), and the
+spec's kwargs, so TRL-style `f(completions, **kwargs)` works. A function that cannot take that
+call is refused with `RewardSignatureError` naming the term and the parameter: when the pool is
+built (prompts, completions, kwargs, and `columns` if given), and in the driver at the start of
+each `score` (the batch's columns), before any task runs. Registered names and paths are
+resolved in the driver and the functions shipped to the workers, so a function registered by
+the driver's own code works too.
 
 A `reward_model` term is served by its own `RewardModelWorker` (a transformers
 sequence-classification model loaded once from a local folder); its spec kwargs configure
@@ -33,13 +42,13 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
-from rewards.combine import call_reward
-from rewards.registry import RewardSpec, resolve
+from rewards.combine import call_reward, merge_kwargs
+from rewards.registry import CALL_SIGNATURE, RewardSpec, check_signature, resolve
 
 logger = logging.getLogger(__name__)
 
 MAX_ERRORS_KEPT = 5
-EXPECTED_SIGNATURE = "fn(prompts, completions, **columns) -> list[float]"  # rewards/registry.py
+EXPECTED_SIGNATURE = CALL_SIGNATURE  # rewards/registry.py
 
 
 class RewardFailureError(RuntimeError):
@@ -63,10 +72,13 @@ class RewardResult:
 class RewardWorker:
     """Runs reward functions (sync or async) on slices of a batch; one call at a time."""
 
-    def __init__(self, specs: list[RewardSpec]):
+    def __init__(self, specs: list[RewardSpec], fns: list | None = None):
         self.specs = specs
-        # Resolved now, so a bad path fails at start-up, not inside a timed task.
-        self.fns = [None if _needs_model_actor(s) else resolve(s.name_or_path) for s in specs]
+        # The driver's functions where it could ship them (a name registered by the driver's code
+        # resolves only there), else resolved now, so a bad path fails at start-up, not in a task.
+        fns = fns or [None] * len(specs)
+        self.fns = [None if _needs_model_actor(s) else (f if f is not None else resolve(s.name_or_path))
+                    for s, f in zip(specs, fns)]
 
     def ready(self) -> bool:
         return True
@@ -151,7 +163,10 @@ class RewardPool:
 
     def __init__(self, specs: Sequence[RewardSpec | str | Mapping[str, Any]], num_actors: int = 2,
                  timeout_s: float = 10.0, failure_reward: float = 0.0, batch_size: int = 64,
-                 num_cpus_per_actor: float | None = None, max_failure_rate: float = 0.5):
+                 num_cpus_per_actor: float | None = None, max_failure_rate: float = 0.5,
+                 columns: Sequence[str] | None = None):
+        """columns: the names of the columns `score` will pass (dataset columns, completion_lengths),
+        when known: every function's signature is then checked against them now."""
         self.specs = [RewardSpec.from_config(s) for s in specs]
         if not self.specs:
             raise ValueError("RewardPool.specs must name at least one reward")
@@ -170,13 +185,15 @@ class RewardPool:
         if not 0.0 <= max_failure_rate <= 1.0:
             raise ValueError(f"RewardPool.max_failure_rate must be in [0, 1], got {max_failure_rate!r}")
         self.max_failure_rate = float(max_failure_rate)
-        for s in self.specs:
-            s.resolve()  # fail fast on unknown names, in the driver
+        fns = [s.resolve() for s in self.specs]  # fail fast on unknown names, in the driver
         self.num_actors, self.timeout_s = num_actors, float(timeout_s)
         self.failure_reward, self.batch_size = float(failure_reward), batch_size
         self._options = {} if num_cpus_per_actor is None else {"num_cpus": num_cpus_per_actor}
         self._model_idx = [i for i, s in enumerate(self.specs) if _needs_model_actor(s)]
         self._fn_idx = [i for i in range(len(self.specs)) if i not in self._model_idx]
+        for i in self._fn_idx:  # before any actor starts: can each function take the keyword call?
+            check_signature(fns[i], self.specs[i].key, self.specs[i].kwargs, columns)
+        self._fns = [fns[i] if i in self._fn_idx and _ships(fns[i]) else None for i in range(len(self.specs))]
         for i in self._model_idx:
             unknown = sorted(set(self.specs[i].kwargs) - set(_RM_ACTOR_KWARGS) - {"timeout_s"})
             if unknown:
@@ -195,7 +212,7 @@ class RewardPool:
 
     def _start(self, spec_idx: int | None) -> _Slot:
         if spec_idx is None:
-            actor = RewardWorker.options(**self._options).remote(self.specs)
+            actor = RewardWorker.options(**self._options).remote(self.specs, self._fns)
         else:
             kw = {k: v for k, v in self.specs[spec_idx].kwargs.items() if k in _RM_ACTOR_KWARGS}
             actor = RewardModelWorker.options(**self._options).remote(**kw)
@@ -248,6 +265,10 @@ class RewardPool:
             raise RuntimeError("RewardPool.score after shutdown()")
         prompts, completions = list(prompts), list(completions)
         columns = {k: list(v) for k, v in columns.items()}
+        for i in self._fn_idx:  # a config error, not a sample failure: raise before any task runs
+            merge_kwargs(self.specs[i].key, columns, self.specs[i].kwargs)
+            fn = self._fns[i] if self._fns[i] is not None else self.specs[i].resolve()
+            check_signature(fn, self.specs[i].key, self.specs[i].kwargs, columns)
 
         per = {s.key: [self.failure_reward] * n for s in self.specs}
         failures = {s.key: 0 for s in self.specs}
@@ -343,6 +364,15 @@ class RewardPool:
             pass
         fresh = self._start(slot.spec_idx)
         slot.actor, slot.ready_ref, slot.task, slot.ref = fresh.actor, fresh.ready_ref, None, None
+
+
+def _ships(fn: Any) -> bool:
+    """Whether `fn` can travel to a worker (Ray pickles it with cloudpickle)."""
+    try:
+        ray.cloudpickle.dumps(fn)
+        return True
+    except Exception:  # noqa: BLE001 - a closure over a lock, a socket, ...: the worker resolves it
+        return False
 
 
 def _short(e: BaseException) -> str:

@@ -180,8 +180,12 @@ class RolloutWorker:
         max_tokens = c.max_tokens if max_tokens is None else max_tokens
         stop = list(c.stop if stop is None else stop)
         prompt_ids = encode_prompts(self.tok, prompts)
+        t0 = time.perf_counter()
+        self.engine.wake_up(None)  # colocated vLLM: weights and KV cache back (no-op otherwise)
+        t1 = time.perf_counter()
         rows = self.engine.generate(prompt_ids, n, temperature, top_p, max_tokens, stop,
                                     seed + 1_000_003 * self.index, c.ignore_eos)
+        self.last_timing = {"wake_s": t1 - t0, "engine_s": time.perf_counter() - t1}
         return [[Sample(p, x.token_ids, x.logprobs, x.text, x.finish_reason, self.version) for x in row]
                 for p, row in zip(prompt_ids, rows)]
 
@@ -240,6 +244,10 @@ class RolloutWorker:
 
     def weights_version(self) -> int:
         return self.version
+
+    def timing(self) -> dict:
+        """Seconds of the last generate call: waking the engine, and the engine's generation."""
+        return dict(getattr(self, "last_timing", {}))
 
     def weight_checksum(self, names: list[str]) -> dict[str, float]:
         """Sum of each named parameter (tests: did a sync reach the engine?)."""

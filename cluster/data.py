@@ -66,13 +66,22 @@ class DataConfig:
     """Where the data is and how it becomes token rows (see the module docstring).
 
     path: file, folder, glob, datasets.save_to_disk folder, comma-separated list, or "builtin"
-      (the built-in arithmetic task, written by cluster.builtin_task into a cache folder).
-    eval_path: held-out file(s); else eval_fraction of path is split off ("builtin": its own split).
+      (the built-in arithmetic task, written by cluster.builtin_task into a cache folder); a dataset
+      name for datasets.load_dataset (`org/name`, from the Hugging Face cache when HF_HUB_OFFLINE=1);
+      a URI read through a pyarrow/fsspec filesystem (`s3://`, `gs://`, `hf://`, `file://`, ...).
+      cluster/readers.py reads every form.
+    split / subset: the split of a dataset name, a dataset folder or a saved DatasetDict (default
+      "train"), and its subset (load_dataset's config name; "" = the dataset's only/default one).
+      Files have neither: setting a split other than "train", or a subset, with files only is an error.
+    eval_path: held-out file(s) or dataset (its validation/test/eval/valid split; data.subset applies);
+      else eval_fraction of path is split off ("builtin": its own split).
     chat_template: auto = the tokenizer's own if it has one, else chatml.
     truncation: what happens to a sequence longer than max_seq_len (CPT documents are chunked instead).
     """
 
     path: str = "builtin"
+    split: str = "train"
+    subset: str = ""
     eval_path: str = ""
     eval_fraction: float = field(default=0.0, metadata={"min": 0, "lt": 1})
     format: Literal["auto", "alpaca", "sharegpt", "messages", "gsm8k", "prompt_completion", "text"] = "auto"
@@ -94,6 +103,10 @@ class DataConfig:
         check_ranges(self, "data")
         if not isinstance(self.path, str) or not self.path.strip():
             raise ValueError(f"data.path: must be a non-empty path or 'builtin', got {self.path!r}")
+        if not isinstance(self.split, str) or not self.split.strip():
+            raise ValueError(f"data.split: expected a split name of the dataset (e.g. train, test), got {self.split!r}")
+        if not isinstance(self.subset, str):
+            raise ValueError(f"data.subset: expected a subset (config) name of the dataset or '', got {self.subset!r}")
         if not isinstance(self.eval_path, str):
             raise ValueError(f"data.eval_path: must be a string, got {self.eval_path!r}")
         if self.eval_path and self.eval_fraction:
@@ -380,8 +393,8 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
         train_path, eval_path = paths["train"], cfg.eval_path or paths["eval"]
     else:
         train_path, eval_path = cfg.path, cfg.eval_path
-    train_sources = readers.resolve_sources(train_path, "data.path")
-    eval_sources = readers.resolve_sources(eval_path, "data.eval_path") if eval_path else []
+    train_sources = readers.resolve_sources(train_path, "data.path", subset=cfg.subset, split=cfg.split)
+    eval_sources = readers.resolve_sources(eval_path, "data.eval_path", subset=cfg.subset) if eval_path else []
     formats = {0: detect_formats(train_sources, cfg, "data.path", 0),  # fails here, before any Ray work
                1: detect_formats(eval_sources, cfg, "data.eval_path", 1)}
     tok = load_tokenizer(tokenizer_dir)

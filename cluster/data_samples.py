@@ -28,7 +28,8 @@ def tokenizer_training_texts(cfg, seed: int = 0, limit: int = 5000, stats: dict 
         train = readers.read_rows(builtin_paths(cfg.builtin_train_size, cfg.builtin_eval_size)["train"], limit,
                                   stats=stats)
         return builtin_task.tokenizer_corpus(train)
-    rows = readers.read_rows(cfg.path, limit, field="data.path", part=0, on_bad_row=cfg.on_bad_row, stats=stats)
+    rows = readers.read_rows(cfg.path, limit, field="data.path", part=0, on_bad_row=cfg.on_bad_row, stats=stats,
+                             subset=cfg.subset, split=cfg.split)
     texts = [s for row in rows for s in _strings(row)]
     texts.append("system user assistant")
     if cfg.system_prompt:

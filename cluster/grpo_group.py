@@ -119,6 +119,11 @@ class RolloutGroup:
     def weight_checksum(self, names: list[str]) -> list[dict]:
         return ray.get([w.weight_checksum.remote(names) for w in self.workers])
 
+    def timing(self) -> dict:
+        """The slowest worker's split of its last generate call (wake_s, engine_s)."""
+        parts = [t for t in ray.get([w.timing.remote() for w in self.workers]) if t]
+        return {k: max(t[k] for t in parts) for k in parts[0]} if parts else {}
+
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)

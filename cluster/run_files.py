@@ -5,6 +5,9 @@ are dropped first, so a resumed run has no repeated or lost steps.
 
 config.yaml is the config the run's checkpoints were trained with: before a resume the job compares
 it with the new one (`config_changes`) and refuses a change of a training-relevant key.
+
+`start_tracking(report_to, config)` sends each metrics record, as it is written, to TensorBoard /
+MLflow / W&B as well (cluster.tracking); `finish()` closes them and draws report.png (cluster.report).
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ class RunFiles:
         os.makedirs(self.output_dir, exist_ok=True)
         self.metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
         self.summary_path = os.path.join(self.output_dir, "summary.json")
+        self.tracker = None  # cluster.tracking.Tracker, from start_tracking on
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.output_dir, *parts)
@@ -68,6 +72,44 @@ class RunFiles:
         record.setdefault("time", time.time())
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:  # live: the same record, as it is written
+            self.tracker.log_metrics(record.get("step"), record)
+
+    def start_tracking(self, report_to, config=None, start_step: int = 0):
+        """From now on every log_metrics record also goes to the trackers named in `report_to`
+        (tensorboard | mlflow | wandb; cluster.tracking), and `config` (a dict or a config dataclass)
+        is logged once now. start_step: the step a resumed run continues from. Nothing when empty."""
+        self.finish_tracking()
+        if not report_to:
+            return None
+        from cluster.tracking import Tracker
+
+        self.tracker = Tracker(report_to, self.output_dir, start_step=start_step)
+        if config is not None:
+            self.tracker.log_config(config)
+        return self.tracker
+
+    def finish_tracking(self, status: str = "FINISHED") -> None:
+        """Flush and close the trackers, if any (status FINISHED | FAILED | KILLED)."""
+        if self.tracker is not None:
+            self.tracker.close(status)
+            self.tracker = None
+
+    def finish(self, report: bool = True) -> str | None:
+        """The end of a run: the trackers closed, then (report=True) OUTPUT_DIR/report.png drawn from
+        metrics.jsonl (cluster.report); returns its path (None: no report). A report that cannot be
+        drawn is one warning line, not a failed run."""
+        self.finish_tracking()
+        if not report or not os.path.exists(self.metrics_path):
+            return None
+        from cluster.report import write_report
+
+        try:
+            # tensorboard=False: OUTPUT_DIR/tensorboard belongs to the live tracker (report_to)
+            return write_report(self.output_dir, tensorboard=False)["png"]
+        except Exception as e:  # noqa: BLE001 - the run's results are already on disk
+            print(f"[report] warning: report.png not written ({type(e).__name__}: {e})", flush=True)
+            return None
 
     def read_metrics(self) -> list[dict]:
         if not os.path.exists(self.metrics_path):

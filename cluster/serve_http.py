@@ -4,8 +4,9 @@
 its methods), `server.model_id` and `server.api_key`, so tests drive it with starlette's
 TestClient as well as through Ray Serve. Order of checks on every model route: API key (401),
 body size against max_request_bytes (413: from Content-Length, else while reading), body (400),
-model name (404), prompt length against max_model_len (400: first from its character count,
-which needs no tokenisation, then in tokens), then generation.
+fields the engine cannot honour (400, `serve_openai.engine_refusal`), model name (404), prompt
+length against max_model_len (400: first from its character count, which needs no
+tokenisation, then in tokens), then generation.
 
 Nothing of one request holds the event loop for long: the body is bounded, tokenisation runs
 on the engine's tokenizer thread, decode steps on its model thread. Any unexpected exception
@@ -17,8 +18,8 @@ import time
 
 from cluster.serve_openai import (
     DEFAULT_MAX_REQUEST_BYTES, ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request,
-    chat_chunk, chat_response, completion_chunk, completion_response, error_body, model_card,
-    new_id, parse_request, sse, too_large, usage, usage_chunk,
+    chat_chunk, chat_logprobs, chat_response, completion_chunk, completion_logprobs, completion_response,
+    engine_refusal, error_body, model_card, new_id, parse_request, sse, too_large, usage, usage_chunk,
 )
 
 DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default max_tokens for /v1/completions
@@ -73,7 +74,22 @@ class _Handlers:
         self.max_request_bytes = max_request_bytes
 
     async def body(self, request, cls):
-        return parse_request(cls, await read_body(request, self.max_request_bytes))
+        req = parse_request(cls, await read_body(request, self.max_request_bytes))
+        engine = self.s.engine
+        refusal = engine_refusal(req, getattr(engine, "features", frozenset()),
+                                 getattr(engine, "name", type(engine).__name__))
+        if refusal is not None:
+            raise refusal
+        return req
+
+    def pieces(self, raw) -> list:
+        """An Event's logprobs (token ids) -> serve_openai.TokenLogprob entries (token texts)."""
+        piece = self.s.engine.token_piece
+        out = []
+        for tok, lp, top in raw or []:
+            text, data = piece(tok)
+            out.append((text, data, lp, [(*piece(i), alp) for i, alp in top]))
+        return out
 
     def check_key(self, request) -> None:
         key = self.s.api_key
@@ -126,8 +142,14 @@ class _Handlers:
         return requested
 
     def gen_args(self, req, max_tokens: int) -> dict:
-        return dict(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+        args = dict(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                     stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos)
+        if req.logprobs_k() is not None:
+            args["logprobs"] = req.logprobs_k()
+        args.update({k: v for k, v in req.penalties().items() if v != (1.0 if k == "repetition_penalty" else 0.0)})
+        if req.structured() is not None:
+            args["response_format"] = req.structured()
+        return args
 
     # -- chat -----------------------------------------------------------------------------
     async def chat(self, request):
@@ -154,12 +176,16 @@ class _Handlers:
             return StreamingResponse(self._chat_stream(rid, model, ids, args, req.include_usage()),
                                      media_type="text/event-stream")
         texts, reasons, total = [""] * req.n, ["length"] * req.n, 0
+        lps: list[list] = [[] for _ in range(req.n)]
         async for ev in engine.stream(ids, **args):
             texts[ev.index] += ev.text
+            lps[ev.index] += self.pieces(ev.logprobs)
             if ev.finish_reason:
                 reasons[ev.index] = ev.finish_reason
                 total += ev.tokens
-        return JSONResponse(chat_response(rid, model, list(zip(texts, reasons)), usage(len(ids), total)))
+        want_lp = "logprobs" in args
+        choices = [(t, r, chat_logprobs(lp) if want_lp else None) for t, r, lp in zip(texts, reasons, lps)]
+        return JSONResponse(chat_response(rid, model, choices, usage(len(ids), total)))
 
     async def _chat_stream(self, rid, model, ids, args, include_usage):
         created, total = int(time.time()), 0
@@ -167,8 +193,9 @@ class _Handlers:
             for i in range(args["n"]):
                 yield sse(chat_chunk(rid, model, created, i, {"role": "assistant", "content": ""}))
             async for ev in self.s.engine.stream(ids, **args):
-                if ev.text:
-                    yield sse(chat_chunk(rid, model, created, ev.index, {"content": ev.text}))
+                if ev.text or ev.logprobs:
+                    lp = chat_logprobs(self.pieces(ev.logprobs)) if ev.logprobs else None
+                    yield sse(chat_chunk(rid, model, created, ev.index, {"content": ev.text}, logprobs=lp))
                 if ev.finish_reason:
                     total += ev.tokens
                     yield sse(chat_chunk(rid, model, created, ev.index, {}, ev.finish_reason))
@@ -210,25 +237,34 @@ class _Handlers:
             return StreamingResponse(self._completion_stream(rid, model, req, prompts, budgets),
                                      media_type="text/event-stream")
         choices, n_prompt, total = [], 0, 0
+        want_lp = req.logprobs_k() is not None
         for ids, mt in zip(prompts, budgets):
             texts, reasons = [""] * req.n, ["length"] * req.n
+            lps: list[list] = [[] for _ in range(req.n)]
             async for ev in self.s.engine.stream(ids, **self.gen_args(req, mt)):
                 texts[ev.index] += ev.text
+                lps[ev.index] += self.pieces(ev.logprobs)
                 if ev.finish_reason:
                     reasons[ev.index] = ev.finish_reason
                     total += ev.tokens
-            choices.extend(zip(texts, reasons))
+            choices.extend((t, r, completion_logprobs(lp) if want_lp else None)
+                           for t, r, lp in zip(texts, reasons, lps))
             n_prompt += len(ids)
         return JSONResponse(completion_response(rid, model, choices, usage(n_prompt, total)))
 
     async def _completion_stream(self, rid, model, req, prompts, budgets):
         created, n_prompt, total = int(time.time()), 0, 0
+        offsets: dict[int, int] = {}                    # choice index -> text_offset of its next token
         try:
             for p, (ids, mt) in enumerate(zip(prompts, budgets)):
                 async for ev in self.s.engine.stream(ids, **self.gen_args(req, mt)):
                     index = p * req.n + ev.index        # OpenAI numbers choices across prompts
-                    if ev.text or ev.finish_reason:
-                        yield sse(completion_chunk(rid, model, created, index, ev.text, ev.finish_reason))
+                    lp = None
+                    if ev.logprobs:
+                        lp = completion_logprobs(self.pieces(ev.logprobs), offsets.get(index, 0))
+                        offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                    if ev.text or ev.finish_reason or lp:
+                        yield sse(completion_chunk(rid, model, created, index, ev.text, ev.finish_reason, lp))
                     if ev.finish_reason:
                         total += ev.tokens
                 n_prompt += len(ids)

@@ -2,7 +2,8 @@
 
 No Ray and no torch here, so every rule of the HTTP contract has fast unit tests:
 - requests are pydantic models; a bad field becomes a 400 whose `param` names the field, and
-  so does a field we do not implement (never ignored: see NOOP_VALUES);
+  so does a field we do not implement (never ignored: see NOOP_VALUES), or one the engine
+  cannot honour (`engine_refusal`: e.g. `response_format` json on the hf engine);
 - every error body is `{"error": {"message", "type", "param", "code"}}` (what the official
   clients parse into `openai.BadRequestError` & co.);
 - `StopText` turns a growing decoded string into safe-to-send deltas: text that could still
@@ -20,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_N = 16          # choices per request; each one is a row of the decode batch
 MAX_STOP = 4        # stop strings per request (the OpenAI limit)
+MAX_LOGPROBS = 20   # top_logprobs (chat) / logprobs (completions): OpenAI's chat limit, vLLM's default
+LOGPROB_FLOOR = -9999.0     # what a -inf logprob is sent as (JSON has no infinity)
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
 class OpenAIError(Exception):
@@ -61,11 +65,11 @@ def too_large(limit: int, size: int | None = None) -> OpenAIError:
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024     # ServeConfig.max_request_bytes
 
 # OpenAI request fields this server does not implement -> the values that mean "not used".
+# (logprobs, top_logprobs, the penalties and response_format are declared fields: implemented,
+# or refused per engine by `engine_refusal`.) Tool calling is not implemented: `tools` and
+# `tool_choice` are refused at any value that could make the model call a tool.
 NOOP_VALUES: dict[str, tuple] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
-    "suffix": (None, ""), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "response_format": (None, {"type": "text"}),
+    "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
     "functions": (None, []), "function_call": (None, "none"),
     "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
@@ -116,6 +120,25 @@ class _Sampling(BaseModel):
     seed: int | None = None
     user: str | None = None
     ignore_eos: bool = False        # vLLM's extension: keep going past end-of-sequence (benchmarks)
+    # OpenAI's additive penalties (0 = off) and vLLM's multiplicative repetition_penalty (1 = off)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    response_format: dict | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v is None:
+            return None
+        kind = v.get("type")
+        if kind not in RESPONSE_FORMATS:
+            raise ValueError(f"type must be one of {', '.join(RESPONSE_FORMATS)}, got {json.dumps(kind)[:40]}")
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError('json_schema: expected {"name": ..., "schema": {<a JSON schema>}}')
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -131,6 +154,21 @@ class _Sampling(BaseModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+    def logprobs_k(self) -> int | None:
+        """None: no logprobs; k: the sampled token's logprob and the k most likely alternatives."""
+        raise NotImplementedError
+
+    def penalties(self) -> dict:
+        """The three penalties, None replaced by the value that turns each off."""
+        return {"presence_penalty": self.presence_penalty or 0.0,
+                "frequency_penalty": self.frequency_penalty or 0.0,
+                "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty}
+
+    def structured(self) -> dict | None:
+        """response_format when it constrains the output (json_object / json_schema), else None."""
+        rf = self.response_format
+        return rf if rf and rf.get("type") != "text" else None
 
     def unsupported(self) -> None:
         """400 naming the first field we would otherwise ignore (see NOOP_VALUES)."""
@@ -172,6 +210,11 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat(self) -> list[dict]:
         # "developer" is the newer name of "system"; templates know only the latter
@@ -183,6 +226,8 @@ class ChatCompletionRequest(_Sampling):
 
     def unsupported(self) -> None:
         super().unsupported()
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs: needs logprobs: true", param="top_logprobs")
         for i, m in enumerate(self.messages):
             _refuse_extras(dict(m.model_extra or {}), set(ChatMessage.model_fields),
                            MESSAGE_NOOP_VALUES, where=f"messages.{i}.")
@@ -190,6 +235,19 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs(cls, v):
+        if v is False:                  # what some clients send for "none"
+            return None
+        if isinstance(v, bool):
+            raise ValueError(f"expected an integer from 0 to {MAX_LOGPROBS} (the number of alternatives)")
+        return v
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -209,6 +267,26 @@ class CompletionRequest(_Sampling):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+def engine_refusal(req: _Sampling, features: frozenset | set, engine: str) -> OpenAIError | None:
+    """The 400 for the first field of `req` the engine cannot honour, or None.
+
+    features: what the engine implements, of "logprobs", "penalties", "response_format"."""
+    def refuse(param: str, what: str, hint: str = "") -> OpenAIError:
+        return bad_request(f"{param}: {what} is not supported by the {engine} engine{hint}", param=param,
+                           code="unsupported_parameter")
+
+    if req.logprobs_k() is not None and "logprobs" not in features:
+        return refuse("logprobs", "returning logprobs")
+    for name, value in req.penalties().items():
+        if value != (1.0 if name == "repetition_penalty" else 0.0) and "penalties" not in features:
+            return refuse(name, f"{value:g}")
+    rf = req.structured()
+    if rf is not None and "response_format" not in features:
+        return refuse("response_format", f'{{"type": "{rf["type"]}"}}',
+                      " (structured output needs guided decoding: serve with engine=vllm-async or engine=vllm)")
+    return None
 
 
 def parse_request(cls, raw: bytes):
@@ -245,36 +323,74 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[str, str]], usage_: dict) -> dict:
-    """choices: (text, finish_reason) in index order."""
+def chat_response(rid: str, model: str, choices: list[tuple], usage_: dict) -> dict:
+    """choices: (text, finish_reason) or (text, finish_reason, logprobs) in index order; logprobs
+    as `chat_logprobs` makes them (None when not asked for)."""
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": fr} for i, (text, fr) in enumerate(choices)],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c[0]},
+                     "logprobs": c[2] if len(c) > 2 else None, "finish_reason": c[1]}
+                    for i, c in enumerate(choices)],
         "usage": usage_,
     }
 
 
-def completion_response(rid: str, model: str, choices: list[tuple[str, str]], usage_: dict) -> dict:
+def completion_response(rid: str, model: str, choices: list[tuple], usage_: dict) -> dict:
+    """choices as for chat_response; logprobs as `completion_logprobs` makes them."""
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fr}
-                    for i, (text, fr) in enumerate(choices)],
+        "choices": [{"index": i, "text": c[0], "logprobs": c[2] if len(c) > 2 else None, "finish_reason": c[1]}
+                    for i, c in enumerate(choices)],
         "usage": usage_,
     }
+
+
+# A token's logprob entry, engine-neutral: (token text, its UTF-8 bytes, logprob, alternatives),
+# alternatives being (text, bytes, logprob) of the k most likely tokens, most likely first.
+TokenLogprob = tuple[str, list[int], float, list[tuple[str, list[int], float]]]
+
+
+def _finite(lp: float) -> float:
+    lp = float(lp)
+    return lp if lp > LOGPROB_FLOOR else LOGPROB_FLOOR       # -inf (and nan) -> the floor
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    return {"content": [{"token": t, "logprob": _finite(lp), "bytes": b,
+                         "top_logprobs": [{"token": at, "logprob": _finite(alp), "bytes": ab}
+                                          for at, ab, alp in top]}
+                        for t, b, lp, top in tokens],
+            "refusal": None}
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict:
+    """The legacy completions shape: parallel lists `tokens`, `token_logprobs`, `top_logprobs`
+    (one {text: logprob} per token: the k alternatives and the sampled token) and `text_offset`
+    (each token's character offset in the choice's text, starting at `offset`)."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t, _b, lp, top in tokens:
+        out["tokens"].append(t)
+        out["token_logprobs"].append(_finite(lp))
+        alts = {at: _finite(alp) for at, _ab, alp in top}
+        alts.setdefault(t, _finite(lp))
+        out["top_logprobs"].append(alts)
+        out["text_offset"].append(offset)
+        offset += len(t)
+    return out
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict,
-               finish_reason: str | None = None) -> dict:
+               finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 
 def completion_chunk(rid: str, model: str, created: int, index: int, text: str,
-                     finish_reason: str | None = None) -> dict:
+                     finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 

@@ -307,6 +307,9 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
                      f"({ckpt.path if ckpt is not None and not local_ckpts else resume_dir})")
     if files is not None:
         files.truncate_metrics_after(state["step"])
+        # live tracking (the job's report_to) of every metrics.jsonl record, from rank 0
+        files.start_tracking(spec.extra.get("report_to", ()), config=spec.extra.get("config"),
+                             start_step=state["step"])
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if "eval" in spec.extra.get("datasets", ()) else None
@@ -421,6 +424,8 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
         if spec.steps_per_epoch == 0:
             break
 
+    if files is not None:
+        files.finish_tracking()
     # ZeRO-3: every rank takes part in gathering the sharded weights; rank 0 writes them
     gather = dss.gathered(model) if engine is not None else _null()
     with gather:

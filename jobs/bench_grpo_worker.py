@@ -204,7 +204,8 @@ def run_trl(spec: dict) -> dict:
         mean_len = h.get("completions/mean_length")
         if mean_len is not None and s["update_s"] > 0:
             prompt_tok = statistics.mean(len(tok.apply_chat_template(_messages(spec, r["question"]), tokenize=True,
-                                                                     add_generation_prompt=True)) for r in rows[:64])
+                                                                     add_generation_prompt=True, return_dict=True)["input_ids"])
+                                         for r in rows[:64])
             s["learner_tokens_per_s"] = P * n * (prompt_tok + mean_len) / s["update_s"]
     return {"ok": True, "steps": steps, "wall_s": time.time() - t0,
             "settings": {"micro_batch": micro, "gradient_accumulation_steps": accum,
@@ -234,8 +235,9 @@ def run_vllm(spec: dict) -> dict:
     steps = []
     for i in range(spec["warmup"] + spec["steps"]):
         batch = [rows[(i * P + j) % len(rows)] for j in range(P)]
-        prompts = [{"prompt_token_ids": tok.apply_chat_template(_messages(spec, r["question"]), tokenize=True,
-                                                                add_generation_prompt=True)} for r in batch]
+        prompts = [{"prompt_token_ids": list(tok.apply_chat_template(_messages(spec, r["question"]), tokenize=True,
+                                                                     add_generation_prompt=True, return_dict=True)["input_ids"])}
+                   for r in batch]
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t

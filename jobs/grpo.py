@@ -135,7 +135,7 @@ def read_prompts(cfg: PromptDataConfig) -> list[dict]:
     else:
         from cluster.readers import read_rows
 
-        rows = read_rows(cfg.path, field="data.path", on_bad_row="fail")
+        rows = read_rows(cfg.path, field="data.path", on_bad_row="fail", subset=cfg.subset, split=cfg.split)
     system = cfg.system_prompt
 
     def to_prompt(row: dict) -> dict:
@@ -328,7 +328,7 @@ def print_step(r: dict, max_steps: int) -> None:
 # weights were trained with. Every other key must match config.yaml, unless resume=force.
 RESUME_SAFE_KEYS = ("output_dir", "max_steps", "resume", "checkpoint_every", "keep_checkpoints", "ray_num_cpus",
                     "num_threads", "eval", "init", "reward.num_actors", "reward.num_cpus", "reward.batch_size",
-                    "reward.max_failure_rate")
+                    "reward.max_failure_rate", "report_to")
 
 
 def check_resume_config(cfg: GRPOJobConfig, files: RunFiles) -> None:
@@ -438,6 +438,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         files.truncate_metrics_after(first_step)
         sync.push(version=first_step)
         print(f"[grpo] resumed from {last} (step {first_step})", flush=True)
+    files.start_tracking(cfg.report_to, config=cfg, start_step=first_step)  # live: each files.log_metrics
 
     # 6. the loop
     adv_fn = grpo_math.get_adv_est(cfg.grpo.adv_estimator)
@@ -464,6 +465,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         t = time.perf_counter()
         prompts, refs = pending if pending is not None else launch(step, P)
         groups = rollouts.collect(refs)
+        split = {} if async_on else rollouts.timing()  # inside the rollout phase: wake, generation
         pending = launch(step + 1, P) if async_on and step + 1 < cfg.max_steps else None
         timing["rollout_s"] = time.perf_counter() - t
 
@@ -504,6 +506,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         # learner update
         t = time.perf_counter()
         rollouts.sleep()  # colocated vLLM: give the GPU memory to the learner
+        split["sleep_s"] = time.perf_counter() - t
         lm = learners.update(make_batch(samples, adv)) if samples else {}
         timing["update_s"] = time.perf_counter() - t
 
@@ -520,6 +523,10 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         record = step_record(step + 1, all_groups, all_rewards, keep, kept, samples, train_rewards.tolist(),
                              refill_rounds, reward_results, acc_key, lm, si, timing, v_before)
         record["groups/oversample"] = factor
+        # where the phases' time goes (parts of time/rollout_s and time/update_s, not added to the step)
+        record.update({f"time/split/{k}": v for k, v in split.items()})
+        if "learner_update_s" in lm:
+            record["time/split/learner_s"] = lm["learner_update_s"]
         record["time/step_s"] = time.perf_counter() - t_step
         record["time/other_s"] = max(0.0, record["time/step_s"] - sum(timing.values()))
         files.log_metrics(record)
@@ -553,6 +560,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         acc = held_out_accuracy(cfg, merged, tok_dir)
         out.update({"eval_accuracy_end": acc["accuracy"], "eval_end_seconds": acc["seconds"]})
         print(f"[grpo] held-out exact match at end: {acc['accuracy']:.3f} ({acc['correct']}/{acc['n']})", flush=True)
+    out["report"] = files.finish()  # trackers closed; report.png of metrics.jsonl
     out["wall_seconds"] = time.time() - t_start  # this invocation: SFT warm-up (if run), GRPO, evaluations
     files.write_summary(out)
     summary = files.read_summary()

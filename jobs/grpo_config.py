@@ -7,6 +7,7 @@ the field.
 """
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,6 +15,7 @@ from typing import Literal
 from actors import grpo_math
 from actors.learner import GRPOConfig
 from actors.rollout import RolloutConfig
+from cluster.tracking import check_report_to
 from kernels.config_fields import check_ranges
 from kernels.model import ModelConfig
 from kernels.patch import KernelsConfig
@@ -23,21 +25,36 @@ from kernels.patch import KernelsConfig
 class PromptDataConfig:
     """Where prompts come from.
 
-    path: "builtin" (the built-in arithmetic task's train split) or a .jsonl/.json/.parquet file
-      with `question` or `prompt` columns. system_prompt: a system message before each question
-      (use the SFT run's). builtin_train_size: rows of the built-in train split.
+    path: "builtin" (the built-in arithmetic task's train split), or data with `question` or `prompt`
+      columns in any form SFT reads (cluster/readers.py): .jsonl/.json/.parquet/.txt files, folders,
+      globs, URIs (s3://, gs://, hf://, file://), a datasets.save_to_disk folder, or a dataset name
+      for datasets.load_dataset (`org/name`; offline from the Hugging Face cache).
+    split / subset: a dataset's split (default "train") and subset (its config name; "" = its only one).
+    system_prompt: a system message before each question (use the SFT run's).
+    builtin_train_size: rows of the built-in train split.
     """
 
     path: str = "builtin"
+    split: str = "train"
+    subset: str = ""
     system_prompt: str = ""
     builtin_train_size: int = field(default=2000, metadata={"min": 1})
 
     def __post_init__(self):
+        from cluster.readers import is_dataset_name, is_uri
+
         check_ranges(self, "data")
         if not self.path:
-            raise ValueError("data.path: empty; expected 'builtin' or a .jsonl/.json/.parquet file")
-        if self.path != "builtin" and not os.path.exists(self.path):
-            raise ValueError(f"data.path: {self.path!r} does not exist (expected 'builtin' or a data file)")
+            raise ValueError("data.path: empty; expected 'builtin', data files, a URI or a dataset name")
+        if not isinstance(self.split, str) or not self.split.strip():
+            raise ValueError(f"data.split: expected a split name of the dataset (e.g. train, test), got {self.split!r}")
+        if not isinstance(self.subset, str):
+            raise ValueError(f"data.subset: expected a subset (config) name of the dataset or '', got {self.subset!r}")
+        missing = [p for p in (q.strip() for q in self.path.split(",")) if p and not is_uri(p)
+                   and not glob.has_magic(p) and not os.path.exists(os.path.expanduser(p)) and not is_dataset_name(p)]
+        if self.path != "builtin" and missing:  # URIs, globs and dataset names: checked by the preflight
+            raise ValueError(f"data.path: {missing[0]!r} does not exist (expected 'builtin', data files, a URI "
+                             f"or a dataset name org/name)")
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,8 @@ class GRPOJobConfig:
       ask for more: phases alternate, so rollout and learner may share cores).
     num_threads: torch threads in each rollout/learner actor (0 = Ray's default: the actor's CPUs).
     kernels: the learner's kernels, as in SFT (kernels.patch.KernelsConfig: enabled, mode).
+    report_to: live trackers of each step's metrics and of the config, any of tensorboard, mlflow,
+      wandb (cluster/tracking.py; default none).
     """
 
     output_dir: str = "runs/grpo"
@@ -141,11 +160,13 @@ class GRPOJobConfig:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     eval: HeldOutEvalConfig = field(default_factory=HeldOutEvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
 
     def __post_init__(self):
         check_ranges(self, "")
         if not self.output_dir:
             raise ValueError("output_dir: must be set")
+        check_report_to(self.report_to, installed=False)  # installed: checked by the preflight
         # the estimator says how many samples per prompt it needs (a group baseline: 2); the check
         # once compared adv_estimator with the policy-loss name "reinforce", which never matched
         need = grpo_math.min_group_size(self.grpo.adv_estimator)

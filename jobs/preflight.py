@@ -3,21 +3,24 @@
 Every job's main runs it right after the config is loaded (`if preflight_sft(cfg): return 2`).
 It checks, cheapest first:
   - output_dir (and trainer.storage_path, eval's --out): a writable folder, or one that can be created;
-  - data paths (files, globs, comma lists, folders; cluster.readers.resolve_sources): exist, readable;
+  - data paths (files, globs, comma lists, folders, URIs, dataset names; cluster.readers.resolve_sources):
+    exist, readable; a dataset name loads (datasets.load_dataset; offline: from the Hugging Face cache)
+    with its split and subset;
   - reward functions: each name or module:function resolves (rewards.registry.resolve, not called)
     and takes `fn(prompts, completions, **columns)`;
-  - the model: a folder's config.json loads with a model_type (transformers AutoConfig), a .gguf file
-    exists and is a GGUF file; the model builds on the meta device (no memory, no weights);
-  - the tokenizer folder loads (AutoTokenizer on a local folder);
+  - the model: a hub id resolves to its snapshot folder in the Hugging Face cache (kernels.hub; fetched
+    unless HF_HUB_OFFLINE=1), a folder's config.json loads with a model_type (transformers AutoConfig), a
+    .gguf file exists and is a GGUF file; the model builds on the meta device (no memory, no weights);
+  - the tokenizer (folder or hub id) loads (AutoTokenizer on a local folder);
   - every LoRA target module (model.lora.target_modules; "all-linear" = kernels.model.LORA_ALL_LINEAR)
     names a Linear/Embedding/Conv layer of that model.
+  - report_to: every tracker name is known and its package installed (cluster.tracking).
 Numeric ranges (sizes, timeouts) are checked earlier, when the config loads (kernels.config_fields).
 A failure is one line on stderr, `preflight: <field>: <value>: <what was expected>`, and exit code 2.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import sys
 import warnings
@@ -55,6 +58,23 @@ def _quiet():
                 hf_logging.set_verbosity(level)
 
 
+@contextlib.contextmanager
+def _datasets_quiet():
+    """No progress bars or log lines of `datasets` while a dataset loads for a check."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars, level = datasets.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 # ---------------------------------------------------------------------------------------- paths
 
 def check_writable_dir(field: str, path: str) -> None:
@@ -83,27 +103,44 @@ def _check_readable_file(field: str, path: str) -> None:
         _fail(field, path, f"expected a readable file ({e.strerror or _first_line(e)})")
 
 
-def check_data(field: str, path: str) -> None:
-    """Data files, globs, comma lists and folders exist and can be read (the readers' own checks)."""
-    from cluster.readers import resolve_sources
+def check_data(field: str, path: str, subset: str = "", split: str = "", part: int = 0) -> None:
+    """Data files, globs, comma lists, folders and URIs exist and can be read; datasets (names, dataset
+    folders, saved datasets) load with their split and subset (`part` 1: an eval path, its eval split;
+    the readers' own checks, and a dataset name loaded here is not loaded again)."""
+    from cluster.readers import is_uri, open_dataset, read_uri, resolve_sources
 
     try:
-        sources = resolve_sources(path, field)
+        sources = resolve_sources(path, field, subset=subset, split=split)
     except (OSError, ValueError) as e:  # their messages start with the field
         raise PreflightError(_first_line(e, 400)) from None
     for s in sources:
-        if s.kind == "file":
+        if s.kind == "file" and is_uri(s.path):
+            try:
+                read_uri(s.path, 1)
+            except (OSError, ValueError) as e:
+                _fail(field, s.path, f"expected a readable file ({_first_line(e)})")
+        elif s.kind == "file":
             _check_readable_file(field, s.path)
-        elif not os.access(s.path, os.R_OK | os.X_OK):
-            _fail(field, s.path, "expected a readable folder")
+        else:  # a dataset
+            if os.path.isdir(s.path) and not os.access(s.path, os.R_OK | os.X_OK):
+                _fail(field, s.path, "expected a readable folder")
+            try:
+                with _quiet(), _datasets_quiet():
+                    open_dataset(s, part)
+            except (OSError, ValueError) as e:  # the readers' messages start with the setting
+                line = _first_line(e, 400)
+                raise PreflightError(line if line.startswith(field.split(".")[0] + ".")
+                                     else f"{field}: {s.path!r}: {line}") from None
 
 
 # ---------------------------------------------------------------------------------------- rewards
 
 def check_rewards(functions, field: str = "reward.functions") -> None:
     """Each reward term resolves (registered name or module:function, imported, not called) and
-    takes two positional arguments and any keyword (the dataset's columns)."""
-    from rewards.registry import RewardSpec, UnknownRewardError, registered_names, resolve
+    can be called with keywords: fn(prompts=, completions=, **columns, **kwargs)
+    (rewards.registry.check_signature)."""
+    from rewards.registry import (RewardSignatureError, RewardSpec, UnknownRewardError, check_signature,
+                                  registered_names, resolve)
 
     for i, item in enumerate(functions):
         key = f"{field}[{i}]"
@@ -121,24 +158,30 @@ def check_rewards(functions, field: str = "reward.functions") -> None:
                              f"or a 'module:function' path")
         except Exception as e:  # noqa: BLE001 - the module's own import failed
             _fail(key, name, f"importing it failed: {type(e).__name__}: {_first_line(e)}")
-        try:
-            sig = inspect.signature(fn)
-        except (TypeError, ValueError):  # a builtin without a signature: nothing to check
-            continue
-        probe = {"completion_lengths": None, "_any_dataset_column": None, **spec.kwargs}
-        try:
-            sig.bind_partial(None, None, **probe)
-        except TypeError:
-            _fail(key, name, f"expected a function fn(prompts, completions, **columns) -> list[float]; "
-                             f"it takes {sig}")
+        try:  # the pool's own check: called with keywords (prompts=, completions=, columns, kwargs);
+            # the GRPO job passes completion_lengths= on every call, whatever the dataset
+            check_signature(fn, name, spec.kwargs)
+            check_signature(fn, name, columns=["completion_lengths"], kwargs=spec.kwargs, required_ok=True)
+        except RewardSignatureError as e:
+            _fail(key, name, _first_line(e))
 
 
 # ---------------------------------------------------------------------------------------- model
 
+def _hub(resolve, field: str, path: str) -> str:
+    """A hub id as its snapshot folder (kernels.hub); a local path as it is."""
+    try:
+        return resolve(path, field)
+    except ValueError as e:  # the message starts with the field and names the id
+        raise PreflightError(_first_line(e, 400)) from None
+
+
 def model_config(field: str, path: str):
-    """The transformers config of a model folder; None for a .gguf file (checked: a GGUF file)."""
+    """The transformers config of a model folder (or hub id); None for a .gguf file (checked: a GGUF file)."""
+    from kernels.hub import resolve_model
     from kernels.model import is_gguf
 
+    path = _hub(resolve_model, field, path)
     if is_gguf(path):
         _check_readable_file(field, path)
         with open(path, "rb") as f:
@@ -146,7 +189,8 @@ def model_config(field: str, path: str):
                 _fail(field, path, "expected a GGUF file (it does not start with the GGUF magic bytes)")
         return None
     if not os.path.isdir(path):
-        _fail(field, path, "expected a Hugging Face model folder (config.json + weights) or a .gguf file")
+        _fail(field, path, "expected a Hugging Face model folder (config.json + weights), a .gguf file or a hub id "
+                           "(org/name)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         _fail(field, path, "expected a Hugging Face model folder; it holds no config.json")
     from transformers import AutoConfig
@@ -174,14 +218,17 @@ def meta_model(field: str, value, config):
 
 
 def check_tokenizer(field: str, path: str) -> None:
-    """A tokenizer folder loads (a .gguf file: readable; its tokenizer loads with the weights)."""
+    """A tokenizer folder (or hub id) loads (a .gguf file: readable; its tokenizer loads with the weights)."""
+    from kernels.hub import resolve_tokenizer
     from kernels.model import is_gguf
 
+    path = _hub(resolve_tokenizer, field, path)
     if is_gguf(path):
         _check_readable_file(field, path)
         return
     if not os.path.isdir(path):
-        _fail(field, path, "expected a tokenizer folder (tokenizer.json / tokenizer_config.json) or a .gguf file")
+        _fail(field, path, "expected a tokenizer folder (tokenizer.json / tokenizer_config.json), a .gguf file "
+                           "or a hub id (org/name)")
     from kernels.tokenizer import load_tokenizer
 
     try:
@@ -246,9 +293,9 @@ def check_sft(cfg):
     if tc.storage_path and "://" not in tc.storage_path:
         check_writable_dir("trainer.storage_path", tc.storage_path)
     if cfg.data.path != "builtin":
-        check_data("data.path", cfg.data.path)
+        check_data("data.path", cfg.data.path, cfg.data.subset, cfg.data.split)
     if cfg.data.eval_path:
-        check_data("data.eval_path", cfg.data.eval_path)
+        check_data("data.eval_path", cfg.data.eval_path, cfg.data.subset, part=1)
     m = cfg.model
     # the tokenizer jobs.sft.prepare_tokenizer takes; without one it trains its own
     tok = m.tokenizer or (m.path if m.path and os.path.isfile(os.path.join(m.path, "tokenizer_config.json")) else "")
@@ -259,7 +306,7 @@ def check_grpo(cfg) -> None:
     """The GRPO job (jobs.grpo.GRPOJobConfig), and the SFT warm-up it runs first, if any."""
     check_writable_dir("output_dir", cfg.output_dir)
     if cfg.data.path != "builtin":
-        check_data("data.path", cfg.data.path)
+        check_data("data.path", cfg.data.path, cfg.data.subset, cfg.data.split)
     if cfg.eval.enabled and cfg.eval.data != "builtin":
         check_data("eval.data", cfg.eval.data)
     check_rewards(cfg.reward.functions)
@@ -339,6 +386,18 @@ def check_eval(cfg, target: str, out: str = "", base: str | None = None) -> None
             _fail("TARGET", target, msg)
 
 
+# ---------------------------------------------------------------------------------------- tracking
+
+def check_tracking(report_to, field: str = "report_to") -> None:
+    """Each tracker of `report_to` is known and its package importable (not imported: cheap)."""
+    from cluster.tracking import check_report_to
+
+    try:
+        check_report_to(report_to, field)
+    except ValueError as e:  # the message starts with the field and names the package
+        raise PreflightError(str(e)) from None
+
+
 def run(check, *args, **kwargs) -> int:
     """0 when `check` passes; else print its one line on stderr and return 2 (the exit code)."""
     try:
@@ -350,11 +409,11 @@ def run(check, *args, **kwargs) -> int:
 
 
 def preflight_sft(cfg) -> int:
-    return run(check_sft, cfg)
+    return run(check_sft, cfg) or run(check_tracking, cfg.report_to)
 
 
 def preflight_grpo(cfg) -> int:
-    return run(check_grpo, cfg)
+    return run(check_grpo, cfg) or run(check_tracking, cfg.report_to)
 
 
 def preflight_eval(cfg, target: str, out: str = "", base: str | None = None) -> int:

@@ -8,8 +8,9 @@ What it does, top to bottom:
   4. build the Ray Data pipeline (read, detect format, chat template, tokenize in an actor pool,
      loss mask, pack) and count the steps;
   5. optionally measure held-out exact-match accuracy of the untrained model (eval_accuracy);
-  6. train on Ray Train (DDP, or DeepSpeed), with checkpoints, eval loss and early stopping;
-  7. save the adapter and the merged model, measure accuracy again, write summary.json.
+  6. train on Ray Train (DDP, or DeepSpeed), with checkpoints, eval loss and early stopping; rank 0
+     writes OUTPUT_DIR/metrics.jsonl and sends each line live to the `report_to` trackers;
+  7. save the adapter and the merged model, measure accuracy again, draw report.png, write summary.json.
 
 Launch:
   posttrain sft jobs/configs/tiny-sft.yaml output_dir=runs/sft max_steps=40
@@ -26,12 +27,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from cluster.data import DataConfig, build_datasets
 from cluster.ray_session import init_ray, stop_on_signals
 from cluster.run_files import RunFiles
+from cluster.tracking import check_report_to
 from cluster.train import TrainConfig, TrainSpec, fit
-from jobs.config import ConfigError, dump_yaml, load
+from jobs.config import ConfigError, dump_yaml, load, to_dict
 from jobs.preflight import preflight_sft
 from kernels.config_fields import check_ranges
 from kernels.model import PRESETS, ModelConfig
@@ -57,7 +60,9 @@ class AccuracyConfig:
 class SFTJobConfig:
     """The whole SFT/CPT job. output_dir: where everything is written; max_steps: optimizer steps
     (0 = trainer.num_epochs passes over the data); seed: model init, shuffling and sampling;
-    tokenizer_vocab_size: size of the locally trained tokenizer when the model brings none."""
+    tokenizer_vocab_size: size of the locally trained tokenizer when the model brings none;
+    report_to: live trackers of the metrics and the config, any of tensorboard, mlflow, wandb
+    (cluster/tracking.py; default none)."""
 
     output_dir: str = "runs/sft"
     max_steps: int = field(default=0, metadata={"min": 0, "note": "0 = trainer.num_epochs passes"})
@@ -68,11 +73,13 @@ class SFTJobConfig:
     trainer: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     eval_accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
 
     def __post_init__(self):
         check_ranges(self, "")
         if not self.output_dir:
             raise ValueError("output_dir: must be set")
+        check_report_to(self.report_to, installed=False)  # installed: checked by the preflight
         if self.model.finetune == "qlora" and not self.trainer.use_gpu:
             raise ValueError("model.finetune: qlora needs trainer.use_gpu=true (NF4 weights live on a CUDA GPU)")
         if self.trainer.strategy == "deepspeed":
@@ -135,7 +142,7 @@ RESUME_SAFE_KEYS = ("output_dir", "max_steps", "eval_accuracy", "trainer.num_epo
                     "trainer.eval_every", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
                     "trainer.resume_from", "trainer.max_failures", "trainer.storage_path",
                     "trainer.cpus_per_worker", "trainer.placement_strategy", "trainer.early_stopping_patience",
-                    "trainer.early_stopping_min_delta", "trainer.cuda_graphs")
+                    "trainer.early_stopping_min_delta", "trainer.cuda_graphs", "report_to")
 
 
 def check_resume(cfg: SFTJobConfig, files: RunFiles) -> None:
@@ -213,7 +220,8 @@ def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
     spec = TrainSpec(output_dir=os.path.abspath(cfg.output_dir), model=cfg.model, train=tc,
                      tokenizer_dir=os.path.abspath(tok_dir), total_steps=total_steps,
                      steps_per_epoch=steps_per_epoch, seed=cfg.seed, vocab_size=vocab,
-                     pad_id=tok.pad_token_id, kernels=cfg.kernels, extra={"datasets": datasets})
+                     pad_id=tok.pad_token_id, kernels=cfg.kernels,
+                     extra={"datasets": datasets, "report_to": list(cfg.report_to), "config": to_dict(cfg)})
     result = fit(spec, train_ds, eval_ds)
     if result.error:
         raise result.error
@@ -238,6 +246,7 @@ def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
                         "eval_problems": acc_after["n"]})
         print(f"[sft] held-out exact match after training: {acc_after['accuracy']:.3f} "
               f"({acc_after['correct']}/{acc_after['n']})", flush=True)
+    summary["report"] = files.finish()  # report.png of metrics.jsonl
     files.write_summary(summary)
     summary = files.read_summary()
     _print_summary(summary, files)
@@ -250,7 +259,7 @@ def _print_summary(s: dict, files: RunFiles) -> None:
           + (f"  eval_loss {s['eval_loss_end']:.4f}" if s.get("eval_loss_end") is not None else ""))
     if "eval_accuracy_start" in s:
         print(f"[sft] held-out exact match {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy_end']:.3f}")
-    for key in ("adapter_dir", "merged_dir"):
+    for key in ("adapter_dir", "merged_dir", "report"):
         if s.get(key):
             print(f"[sft] {key}: {s[key]}")
     print(f"[sft] metrics: {files.metrics_path}\n[sft] summary: {files.summary_path}", flush=True)
@@ -263,13 +272,18 @@ def parse_args(argv: list[str] | None, prog: str):
     return parse_job_args(prog, argv, SFTJobConfig, description=__doc__)
 
 
+def for_task(cfg: SFTJobConfig, task: str) -> SFTJobConfig:
+    """The loaded config as the task runs it: CPT reads data.format auto as raw text."""
+    if task == "cpt" and cfg.data.format == "auto":
+        cfg = replace(cfg, data=replace(cfg.data, format="text"))
+    return cfg
+
+
 def main(argv: list[str] | None = None, task: str = "sft") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         args = parse_args(argv, f"posttrain {task}")
-        cfg = load(SFTJobConfig, args.config, args.overrides)
-        if task == "cpt" and cfg.data.format == "auto":
-            cfg = replace(cfg, data=replace(cfg.data, format="text"))
+        cfg = for_task(load(SFTJobConfig, args.config, args.overrides), task)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Model assembly: presets with public shapes, loading, LoRA through PEFT, saving.
 
-No Ray here. A model comes either from a local Hugging Face folder (`path`) or from a
-named preset built with random weights (`preset`): the public shapes are for benchmarks,
-`tiny` is for CPU tests and the demo.
+No Ray here. A model comes either from `path` (a local Hugging Face folder, a .gguf file, or a
+hub id resolved to its folder in the Hugging Face cache: kernels/hub.py) or from a named preset
+built with random weights (`preset`): the public shapes are for benchmarks, `tiny` is for CPU
+tests and the demo.
 """
 from __future__ import annotations
 
@@ -95,9 +96,11 @@ class ModelConfig:
     """Which model to train and how.
 
     preset: a name in PRESETS (random weights) - used when `path` is empty.
-    path: a local Hugging Face model folder (config.json + safetensors) or a .gguf file (its weights
-        are dequantised on load); wins over preset.
-    tokenizer: a local tokenizer folder; default: `path`, or the run's trained tokenizer.
+    path: a local Hugging Face model folder (config.json + safetensors), a .gguf file (its weights
+        are dequantised on load), or a hub id `org/name[@revision]` (kernels.hub: resolved here, once,
+        to its snapshot folder in the Hugging Face cache - fetched unless HF_HUB_OFFLINE=1); wins over preset.
+    tokenizer: a local tokenizer folder, a .gguf file or a hub id (resolved as `path`, tokenizer files
+        only); default: `path`, or the run's trained tokenizer.
     finetune: lora | qlora (NF4 base, GPU only) | full.
     dtype: auto (bf16 on GPU, fp32 on CPU; fp32 for full fine-tuning, computed in bf16 under
         autocast on GPU, so that optimizer updates are not rounded away) | float32 | bfloat16 | float16.
@@ -122,10 +125,16 @@ class ModelConfig:
         if not self.path and self.preset not in PRESETS:
             raise ValueError(
                 f"model.preset: unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)} "
-                f"(or set model.path to a local model folder)")
+                f"(or set model.path to a model folder, a .gguf file or a hub id org/name)")
+        from kernels.hub import resolve_model, resolve_tokenizer
+
+        # a hub id becomes its snapshot folder here, once: every later reader (the config.yaml written,
+        # transformers, vLLM, the Ray workers) sees a local folder
+        object.__setattr__(self, "path", resolve_model(self.path, "model.path"))
+        object.__setattr__(self, "tokenizer", resolve_tokenizer(self.tokenizer, "model.tokenizer"))
         if self.path and not (os.path.isdir(self.path) or (is_gguf(self.path) and os.path.isfile(self.path))):
-            raise ValueError(f"model.path: {self.path!r} is neither a folder (a local Hugging Face model) "
-                             f"nor a .gguf file")
+            raise ValueError(f"model.path: {self.path!r} is not a local folder (a Hugging Face model), a .gguf "
+                             f"file, or a Hugging Face model id (org/name)")
 
 
 def torch_dtype(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.dtype:
@@ -190,10 +199,14 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, device="cpu"
     """The base causal LM (no adapters): from `cfg.path`, or the preset with random weights."""
     from transformers import AutoModelForCausalLM
 
+    from kernels.hub import resolve_model
+
     dtype = torch_dtype(cfg, device)
     if cfg.path:
-        model = AutoModelForCausalLM.from_pretrained(
-            *gguf_args(cfg.path)[0], **gguf_args(cfg.path)[1], dtype=dtype, attn_implementation=cfg.attn_implementation)
+        path = resolve_model(cfg.path, "model.path")  # already a folder when cfg came through __post_init__
+        args, kw = gguf_args(path)
+        model = AutoModelForCausalLM.from_pretrained(*args, **kw, dtype=dtype,
+                                                     attn_implementation=cfg.attn_implementation)
     else:
         overrides = dict(cfg.config_overrides)
         if vocab_size is not None:

@@ -1,4 +1,4 @@
-"""Tokenizers: load a local one, or train a small BPE locally with `tokenizers` (no downloads).
+"""Tokenizers: load one (a folder, a .gguf file, a hub id), or train a small BPE locally with `tokenizers`.
 
 The trained tokenizer splits digits one by one (arithmetic is learnable by a tiny model),
 and carries a ChatML chat template with `{% generation %}` markers so that
@@ -48,15 +48,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, out_dir: str |
     return fast
 
 
-def load_tokenizer(path: str):
-    """A tokenizer from a local folder or a .gguf file, with a pad token guaranteed."""
+def load_tokenizer(path: str, field: str = "tokenizer"):
+    """A tokenizer from a local folder, a .gguf file or a hub id (its snapshot in the Hugging Face
+    cache: kernels.hub), with a pad token guaranteed. `field` names the setting in errors."""
     from transformers import AutoTokenizer
 
+    from kernels.hub import resolve_tokenizer
+
+    path = resolve_tokenizer(path, field)
     if path.lower().endswith(".gguf") and os.path.isfile(path):  # the tokenizer stored in a GGUF file
         tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
     elif not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer: {path!r} is not a folder (expected a local tokenizer) "
-                                f"nor a .gguf file")
+        raise FileNotFoundError(f"{field}: {path!r} is not a folder (expected a local tokenizer), a .gguf "
+                                f"file, nor a Hugging Face hub id (org/name)")
     else:
         tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:

@@ -1,9 +1,10 @@
 """Calling reward functions and combining several with weights.
 
-`call_reward` is the one place that runs a reward function: it merges the batch columns with
-the spec's kwargs, awaits async functions, and checks the result (one finite float per
-sample). `WeightedSum` is the in-process combinator; actors/reward.py runs the same terms
-in a pool of Ray actors with timeouts and failure isolation.
+`call_reward` is the one place that runs a reward function: it calls it with keywords only
+(prompts=, completions=, every batch column by name, the spec's kwargs; see rewards/registry.py),
+awaits async functions, and checks the result (one finite float per sample). `WeightedSum` is
+the in-process combinator; actors/reward.py runs the same terms in a pool of Ray actors with
+timeouts and failure isolation.
 """
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import inspect
 import math
 from typing import Any, Mapping, Sequence
 
-from .registry import RewardFn, RewardSpec, resolve
+from .registry import CALL_KEYWORDS, RewardFn, RewardSpec, check_signature, resolve
 
 
 def merge_kwargs(name: str, columns: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Columns plus spec kwargs; a name in both is a config error (which one was meant?)."""
+    """Columns plus spec kwargs; a name in both, or one of prompts / completions, is a config
+    error (which one was meant?)."""
     clash = sorted(set(columns) & set(kwargs))
     if clash:
         raise ValueError(f"reward {name!r}: kwargs {clash} clash with dataset columns of the same name")
+    reserved = sorted(set(CALL_KEYWORDS) & (set(columns) | set(kwargs)))
+    if reserved:
+        raise ValueError(f"reward {name!r}: a dataset column or kwarg named {reserved[0]!r} clashes with the "
+                         f"{reserved[0]} every reward function is given")
     return {**columns, **kwargs}
 
 
@@ -46,7 +52,9 @@ async def acall_reward(fn: RewardFn, prompts: Sequence[str], completions: Sequen
     name = name or getattr(fn, "__name__", repr(fn))
     if len(prompts) != len(completions):
         raise ValueError(f"reward {name!r}: {len(prompts)} prompts for {len(completions)} completions")
-    out = fn(list(prompts), list(completions), **merge_kwargs(name, columns or {}, kwargs or {}))
+    merged = merge_kwargs(name, columns or {}, kwargs or {})
+    check_signature(fn, name, kwargs or {}, columns or {})
+    out = fn(prompts=list(prompts), completions=list(completions), **merged)
     if inspect.isawaitable(out):
         out = await out
     return check_scores(name, out, len(completions))
@@ -78,6 +86,8 @@ class WeightedSum:
         if dup:
             raise ValueError(f"reward terms {dup} appear twice; give each a distinct RewardSpec.label")
         self.fns = [resolve(s.name_or_path) for s in self.specs]
+        for spec, fn in zip(self.specs, self.fns):
+            check_signature(fn, spec.key, spec.kwargs)      # before any batch: what is known now
 
     async def adetailed(self, prompts, completions, **columns) -> tuple[dict[str, list[float]], list[float]]:
         per = {}

@@ -1,13 +1,21 @@
-"""The reward registry: one signature, addressed by name or by `module:function`.
+"""The reward registry: one call, addressed by name or by `module:function`.
 
-Every reward function has the signature
+Every reward function is called with keywords only:
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float]
+    fn(prompts=[...], completions=[...], <column>=[...], ..., completion_lengths=[...], <kwarg>=...)
 
-(`def` or `async def`). `columns` are the extra dataset columns of the batch, one list per
-column with one entry per sample (e.g. `answer=[...]`), plus the keyword arguments of the
-function's `RewardSpec`. Functions must accept and ignore columns they do not use
-(`**_`), because the caller passes every column of the dataset.
+(`def` or `async def`) -> list[float], one score per completion. The keywords are the batch's
+prompts and completions, every extra dataset column of the batch by its name (e.g. `answer=`;
+one entry per sample), `completion_lengths` (tokens per completion, passed by the GRPO job), and
+the keyword arguments of the function's `RewardSpec`. So both of these work:
+
+    def brevity(completions, **kwargs): ...                     # TRL's style
+    def exact(prompts, completions, answer, **kwargs): ...
+
+A function must be able to take every keyword of the call: name it as a parameter or take
+`**kwargs` (the usual choice: datasets grow columns). `check_signature` says which parameter
+or keyword does not fit, naming the function; the reward pool runs it when it is built (with
+the columns when it knows them) and before each scoring call.
 
 A config names a function either by its registered name (`math_answer`) or by an import
 path (`my_project.rewards:brevity`). Built-ins register themselves when their module is
@@ -16,9 +24,10 @@ imported; `resolve` imports them on first use, so `import rewards.registry` stay
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 RewardFn = Callable[..., Any]  # returns list[float], or an awaitable of it
 
@@ -30,8 +39,18 @@ _BUILTIN_MODULES = ("math", "format", "length", "code", "model_based")
 _builtins_loaded = False
 
 
+# How every reward function is called (for error messages)
+CALL_SIGNATURE = "fn(prompts=, completions=, <dataset columns>=, completion_lengths=, <spec kwargs>=) -> list[float]"
+# Keywords every call passes, whatever the dataset
+CALL_KEYWORDS = ("prompts", "completions")
+
+
 class UnknownRewardError(LookupError):
     """A reward name that is neither registered nor a `module:function` path."""
+
+
+class RewardSignatureError(TypeError, ValueError):
+    """A reward function whose parameters cannot take the keyword call (see module doc)."""
 
 
 def register(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -104,6 +123,74 @@ def resolve(spec: str | RewardFn) -> RewardFn:
         raise UnknownRewardError(
             f"unknown reward {spec!r}; registered names: {known}; or give a 'module:function' path"
         ) from None
+
+
+@dataclass(frozen=True)
+class _Params:
+    """What a signature can take: keyword-passable names, **kwargs, and the parameters that need
+    a value (keyword-passable without default; positional-only without default)."""
+
+    keywords: frozenset
+    var_keyword: bool
+    required: tuple
+    positional_only: tuple
+
+
+def _params(fn: Any) -> _Params | None:
+    """None where Python cannot tell the signature (some builtins): nothing to check."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    ps = sig.parameters.values()
+    kw_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return _Params(
+        keywords=frozenset(p.name for p in ps if p.kind in kw_kinds),
+        var_keyword=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps),
+        required=tuple(p.name for p in ps if p.kind in kw_kinds and p.default is inspect.Parameter.empty),
+        positional_only=tuple(p.name for p in ps if p.kind is inspect.Parameter.POSITIONAL_ONLY
+                              and p.default is inspect.Parameter.empty))
+
+
+def check_signature(fn: RewardFn, name: str, kwargs: Iterable[str] = (),
+                    columns: Iterable[str] | None = None, required_ok: bool = False) -> None:
+    """RewardSignatureError, naming `name` and the parameter, unless `fn` can take the call
+    fn(prompts=, completions=, **columns, **kwargs).
+
+    columns: the dataset columns of the call (completion_lengths included when passed); None
+    when not known yet (building a pool): then only prompts, completions and the kwargs are
+    checked, and required parameters other than those are taken to be columns to come.
+    required_ok: only check that every keyword of the call is accepted (some columns are known,
+    the rest are still to come), not that every required parameter gets a value.
+    """
+    p = _params(fn)
+    if p is None:
+        return
+    who = f"reward {name!r}"
+    if p.positional_only:
+        raise RewardSignatureError(
+            f"{who}: parameter {p.positional_only[0]!r} is positional-only, but reward functions are "
+            f"called with keywords only: {CALL_SIGNATURE}")
+    kwargs = list(kwargs)
+    cols = None if columns is None else list(columns)
+    for key in [*CALL_KEYWORDS, *(cols or []), *kwargs]:
+        if key in p.keywords or p.var_keyword:
+            continue
+        what = ("a kwarg of the reward spec" if key in kwargs else "a dataset column" if cols and key in cols
+                else "passed on every call")
+        raise RewardSignatureError(
+            f"{who}: takes no parameter {key!r} ({what}) and no **kwargs; reward functions are called "
+            f"as {CALL_SIGNATURE}: add {key!r} or **kwargs to its parameters")
+    if cols is not None and not required_ok:
+        given = {*CALL_KEYWORDS, *cols, *kwargs}
+        missing = [r for r in p.required if r not in given]
+        if missing:
+            hint = "give it a default or add the column"
+            if p.var_keyword and not set(CALL_KEYWORDS) & p.keywords:
+                hint = "reward functions are called with keywords: name its first parameters prompts and completions"
+            raise RewardSignatureError(
+                f"{who}: parameter {missing[0]!r} gets no value: it is neither a dataset column "
+                f"({', '.join(sorted(cols)) or 'none'}) nor a kwarg of the reward spec; {hint}")
 
 
 @dataclass(frozen=True)

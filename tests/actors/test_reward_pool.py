@@ -131,18 +131,17 @@ def test_reward_model_actor_scores_like_the_model(make_pool, tiny_tokenizer_dir,
 
 
 def test_a_reward_that_fails_on_most_samples_stops_with_its_first_error_and_the_signature(make_pool):
-    """Issue 21, finding 6: a TRL-style `def f(completions, **kwargs)` raised TypeError on every batch
-    and the run went on training on failure_reward. Now a term failing on more than
-    max_failure_rate (default 0.5) of a call's samples stops, naming the error and the signature."""
-    pool = make_pool([RewardSpec("tests.actors.trl_style_reward:trl_reward"), RewardSpec(f"{FNS}:constant")],
-                     num_actors=1, batch_size=2)
+    """Issue 21, finding 6: a reward that raised on every batch let the run go on training on
+    failure_reward. Now a term failing on more than max_failure_rate (default 0.5) of a call's
+    samples stops, naming the error and how reward functions are called."""
+    pool = make_pool([RewardSpec(f"{FNS}:raises"), RewardSpec(f"{FNS}:constant")], num_actors=1, batch_size=2)
     with pytest.raises(RewardFailureError) as err:
         pool.score(["p"] * 4, ["a", "b", "c", "d"])
     msg = str(err.value)
     assert "\n" not in msg
-    assert "'tests.actors.trl_style_reward:trl_reward' failed on 4 of 4 samples" in msg
-    assert "reward.max_failure_rate=0.5" in msg and "TypeError" in msg
-    assert "fn(prompts, completions, **columns) -> list[float]" in msg
+    assert f"'{FNS}:raises' failed on 4 of 4 samples" in msg
+    assert "reward.max_failure_rate=0.5" in msg and "RuntimeError: boom" in msg
+    assert "fn(prompts=, completions=, <dataset columns>=, completion_lengths=, <spec kwargs>=)" in msg
 
     # at or below the rate the failures stay isolated and counted (2 of 5 samples fail here)
     ok = make_pool([RewardSpec(f"{FNS}:raises_on_marker", label="marker")], num_actors=1, batch_size=2)

@@ -106,8 +106,8 @@ def test_parse_request_errors():
         parse_request(CompletionRequest, json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).encode())
     assert e.value.param == "stop" and "at most 4" in e.value.message
     with pytest.raises(OpenAIError) as e:
-        parse_request(CompletionRequest, json.dumps({"prompt": "x", "logprobs": 3}).encode())
-    assert e.value.code == "unsupported_parameter"
+        parse_request(CompletionRequest, json.dumps({"prompt": "x", "logprobs": 21}).encode())
+    assert e.value.param == "logprobs" and "20" in e.value.message      # the cap, as for top_logprobs
     with pytest.raises(OpenAIError) as e:
         parse_request(CompletionRequest, json.dumps({"prompt": "x", "n": 17}).encode())
     assert e.value.param == "n"
@@ -129,13 +129,20 @@ def test_parse_request_accepts_openai_shapes():
     (ChatCompletionRequest, {"tempreature": 0.5}, "tempreature", "unknown_parameter"),
     (CompletionRequest, {"top_k": 5}, "top_k", "unknown_parameter"),
     (CompletionRequest, {"messages": []}, "messages", "unknown_parameter"),
-    (ChatCompletionRequest, {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
     (ChatCompletionRequest, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
     (ChatCompletionRequest, {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
-    (ChatCompletionRequest, {"logprobs": True}, "logprobs", "unsupported_parameter"),
-    (CompletionRequest, {"logprobs": 0}, "logprobs", "unsupported_parameter"),   # 0 still asks for them
-    (CompletionRequest, {"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
-    (ChatCompletionRequest, {"frequency_penalty": -1}, "frequency_penalty", "unsupported_parameter"),
+    (ChatCompletionRequest, {"tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
+    (ChatCompletionRequest, {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice",
+     "unsupported_parameter"),
+    # implemented fields (engine support is checked over HTTP: test_serve_openai_fields.py), bad values
+    (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    (ChatCompletionRequest, {"top_logprobs": 2}, "top_logprobs", "invalid_value"),   # needs logprobs: true
+    (CompletionRequest, {"logprobs": True}, "logprobs", "invalid_value"),            # an int here
+    (ChatCompletionRequest, {"response_format": {"type": "xml"}}, "response_format", "invalid_value"),
+    (ChatCompletionRequest, {"response_format": {"type": "json_schema"}}, "response_format", "invalid_value"),
+    (CompletionRequest, {"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    (ChatCompletionRequest, {"frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
+    (ChatCompletionRequest, {"repetition_penalty": 0}, "repetition_penalty", "invalid_value"),
     (CompletionRequest, {"best_of": 3}, "best_of", "unsupported_parameter"),
     (CompletionRequest, {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats", "unsupported_parameter"),
@@ -496,7 +503,8 @@ def test_cli_config_errors_exit_2(capsys, tmp_path):
 @pytest.fixture()
 def fake_vllm(monkeypatch):
     """Just the vLLM API VLLMAsyncEngine uses: AsyncEngineArgs, AsyncLLMEngine, SamplingParams,
-    RequestOutputKind, and DELTA outputs of (text, token_ids, finish_reason) per choice."""
+    RequestOutputKind, StructuredOutputsParams, and DELTA outputs of (text, token_ids, logprobs,
+    finish_reason) per choice."""
     import sys
     import types
     from types import SimpleNamespace as NS
@@ -513,8 +521,10 @@ def fake_vllm(monkeypatch):
 
         async def generate(self, prompt, params, request_id):
             seen["prompt"] = prompt
+            # with logprobs=k: the sampled token 7 and one alternative, 9 (vLLM's {id: Logprob})
+            lps = None if params.logprobs is None else [{7: NS(logprob=-0.25, rank=1), 9: NS(logprob=-2.0, rank=2)}]
             for step in range(3):
-                yield NS(outputs=[NS(index=i, text=f"t{step}", token_ids=[7],
+                yield NS(outputs=[NS(index=i, text=f"t{step}", token_ids=[7], logprobs=lps,
                                      finish_reason=("length" if step == 2 else None))
                                   for i in range(params.n)])
 
@@ -530,6 +540,7 @@ def fake_vllm(monkeypatch):
     vllm.SamplingParams = SamplingParams
     sp = types.ModuleType("vllm.sampling_params")
     sp.RequestOutputKind = NS(DELTA="delta")
+    sp.StructuredOutputsParams = lambda **kw: ("structured", kw)
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp)
     return seen
@@ -568,3 +579,37 @@ def test_vllm_async_engine_adapter(fake_vllm, tiny_dirs):
         assert fake_vllm["params"]["stop_token_ids"] == eng.stop_ids
         assert eng.tokenizer.convert_tokens_to_ids("<|im_end|>") in eng.stop_ids
         assert c.post("/v1/completions", headers=h, json={"prompt": "x " * 200}).status_code == 400
+
+
+def test_vllm_async_passes_logprobs_penalties_and_response_format(fake_vllm, tiny_dirs):
+    """Issue 17: what the hf engine cannot do (structured output) vllm-async hands to vLLM, and
+    logprobs / penalties become SamplingParams fields; vLLM's logprobs come back in OpenAI shapes."""
+    from starlette.testclient import TestClient
+
+    from cluster.serve_engines import VLLMAsyncEngine
+
+    eng = VLLMAsyncEngine(tiny_dirs["base"], max_model_len=96)
+    assert eng.features == {"logprobs", "penalties", "response_format"}
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    with TestClient(make_app(_Server(eng))) as c:
+        r = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 1,
+            "presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 1.1,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+        assert r.status_code == 200, r.text
+        p = fake_vllm["params"]
+        assert (p["logprobs"], p["presence_penalty"], p["frequency_penalty"], p["repetition_penalty"]) == (1, 0.5, 0.25, 1.1)
+        assert p["structured_outputs"] == ("structured", {"json": schema})
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert [t["logprob"] for t in content] == [-0.25] * 3
+        assert [[a["logprob"] for a in t["top_logprobs"]] for t in content] == [[-0.25]] * 3
+        assert content[0]["token"] == eng.token_piece(7)[0]
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 2,
+                                            "response_format": {"type": "json_object"}})
+        assert r.status_code == 200, r.text
+        assert fake_vllm["params"]["structured_outputs"] == ("structured", {"json_object": True})
+        lp = r.json()["choices"][0]["logprobs"]
+        assert lp["token_logprobs"] == [-0.25] * 3 and len(lp["top_logprobs"][0]) == 2
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+        p = fake_vllm["params"]
+        assert p["logprobs"] is None and "structured_outputs" not in p and r.json()["choices"][0]["logprobs"] is None

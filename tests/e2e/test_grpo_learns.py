@@ -95,6 +95,8 @@ def test_grpo_raises_held_out_accuracy(tmp_path):
     for r in rows:  # the phases add up to the step time
         parts = sum(r[f"time/{k}"] for k in ("rollout_s", "reward_s", "update_s", "sync_s", "other_s"))
         assert abs(parts - r["time/step_s"]) < 1e-6, r
+        assert r["time/split/wake_s"] + r["time/split/engine_s"] <= r["time/rollout_s"]
+        assert r["time/split/sleep_s"] + r["time/split/learner_s"] <= r["time/update_s"]
         # dynamic sampling over-samples in one call; a step short of prompts_per_step groups with a
         # signal has used its refill round first
         assert r["groups/kept"] == cfg.grpo.prompts_per_step or r["groups/refill_rounds"] == cfg.grpo.max_refill_rounds

@@ -1,12 +1,14 @@
 """End-to-end SFT runs of the tiny config on local Ray (CPU): the acceptance command, exact resume
 after the driver is killed, and a Ray Train worker killed mid-run (restart from the checkpoint).
 
-All three runs use the same config, so the uninterrupted run is the baseline of the other two.
+All three runs use the same config, so the uninterrupted run is the baseline of the other two. They
+track live to TensorBoard and MLflow (report_to), read back here: every step once, a resumed run too.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -17,7 +19,7 @@ import torch
 from sft_cli import ROOT, TINY_SFT, read_metrics, run_sft, sft_command, sft_env
 
 STEPS = 40
-ARGS = [f"max_steps={STEPS}", "trainer.checkpoint_every=10", "trainer.eval_every=20"]
+ARGS = [f"max_steps={STEPS}", "trainer.checkpoint_every=10", "trainer.eval_every=20", "report_to=[tensorboard,mlflow]"]
 KEEP = 2  # trainer.keep_checkpoints' default
 
 
@@ -31,6 +33,26 @@ pytestmark = pytest.mark.e2e
 def _losses(out_dir):
     rows = read_metrics(out_dir)
     return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def _tensorboard_losses(out_dir):
+    """(steps, losses) of OUT/tensorboard (the live tracker); a resumed run's purged steps left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(out_dir, "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("loss")
+    return [e.step for e in events], [e.value for e in events]
+
+
+def _mlflow_runs(out_dir):
+    """(client, runs oldest first) of OUT/mlruns, the MLflow file store the live tracker wrote."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it to read the file store
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri="file://" + os.path.join(out_dir, "mlruns"))
+    exp = client.get_experiment_by_name("ray-posttrain")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +70,17 @@ def test_acceptance_loss_drops_30pct_and_saves_models(baseline):
     assert os.path.exists(os.path.join(baseline, "config.yaml"))
     summary = json.load(open(os.path.join(baseline, "summary.json")))
     assert summary["last_loss"] == pytest.approx(losses[-1])
+    assert summary["report"] == os.path.join(baseline, "report.png") and os.path.getsize(summary["report"]) > 10_000
+
+    # live tracking from rank 0 (report_to=[tensorboard,mlflow]): every step, read back
+    tb_steps, tb_losses = _tensorboard_losses(baseline)
+    assert tb_steps == steps and tb_losses == pytest.approx(losses, rel=1e-6)  # float32 in the events
+    client, runs = _mlflow_runs(baseline)
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.data.params["max_steps"] == str(STEPS)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == steps and [m.value for m in history] == pytest.approx(losses)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [20, 40]
 
     # the merged model gives the same logits as base + adapter
     from peft import PeftModel
@@ -96,6 +129,12 @@ def test_resume_after_kill_continues_with_the_same_losses(baseline, tmp_path):
     # same data order, same RNG state: equal up to float summation noise across processes
     assert losses == pytest.approx(base_losses, rel=1e-4, abs=1e-5)
     assert len(_checkpoint_folders(out)) == KEEP  # the killed attempt's checkpoints are pruned too
+    # TensorBoard: the killed attempt's steps after the checkpoint are purged, every step shows once
+    tb_steps, tb_losses = _tensorboard_losses(out)
+    assert tb_steps == base_steps and tb_losses == pytest.approx(base_losses, rel=1e-4, abs=1e-5)
+    _, runs = _mlflow_runs(out)  # MLflow: the resumed attempt is a second run, from the checkpoint on
+    resumed_at = re.search(r"resumed from step (\d+)", log).group(1)
+    assert len(runs) == 2 and runs[1].data.tags["resumed_from_step"] == resumed_at
 
 
 def test_worker_killed_mid_run_restarts_from_checkpoint(baseline, tmp_path):
@@ -130,3 +169,4 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(baseline, tmp_path):
     _, base_losses = _losses(baseline)
     assert losses == pytest.approx(base_losses, rel=1e-4, abs=1e-5)
     assert len(_checkpoint_folders(out)) == KEEP
+    assert _tensorboard_losses(out)[0] == steps  # the restarted worker's tracker purged the lost steps

@@ -122,21 +122,24 @@ def test_output_dir_that_is_a_file(tmp_path, no_run, capsys):
 
 def test_reward_paths_and_signatures(tmp_path, monkeypatch, no_run, capsys):
     (tmp_path / "my_rewards.py").write_text(
-        "def good(p, c, **cols):\n    return [0.0] * len(c)\n"
-        "def one_arg(completions):\n    return [0.0] * len(completions)\n"
-        "def no_columns(prompts, completions):\n    return [0.0] * len(completions)\n")
+        "def trl_style(completions, **kwargs):\n    return [0.0] * len(completions)\n"
+        "def no_kwargs(prompts, completions):\n    return [0.0] * len(completions)\n"
+        "def positional(prompts, completions, /, **cols):\n    return [0.0] * len(completions)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert grpo(tmp_path, "reward.functions=[not_a_module.sub:f]") == 2
     assert _line(capsys) == ("preflight: reward.functions[0]: 'not_a_module.sub:f': cannot import module "
                              "'not_a_module.sub' (No module named 'not_a_module')")
     assert grpo(tmp_path, "reward.functions=[my_rewards:missing]") == 2
     assert _line(capsys).endswith("'my_rewards:missing': module 'my_rewards' has no attribute 'missing'")
-    for name, sig in (("one_arg", "(completions)"), ("no_columns", "(prompts, completions)")):
-        assert grpo(tmp_path, f"reward.functions=[my_rewards:good, my_rewards:{name}]") == 2
-        assert _line(capsys) == (f"preflight: reward.functions[1]: 'my_rewards:{name}': expected a function "
-                                 f"fn(prompts, completions, **columns) -> list[float]; it takes {sig}")
+    # reward functions are called with keywords (prompts=, completions=, columns, kwargs)
+    assert grpo(tmp_path, "reward.functions=[my_rewards:trl_style, my_rewards:no_kwargs]") == 2
+    line = _line(capsys)
+    assert line.startswith("preflight: reward.functions[1]: 'my_rewards:no_kwargs': reward 'my_rewards:no_kwargs': "
+                           "takes no parameter 'completion_lengths'"), line
+    assert grpo(tmp_path, "reward.functions=[my_rewards:positional]") == 2
+    assert "parameter 'prompts' is positional-only" in _line(capsys)
     assert not no_run
-    preflight.check_rewards(["my_rewards:good", {"name": "overlong_penalty", "kwargs": {"max_len": 8}}])
+    preflight.check_rewards(["my_rewards:trl_style", {"name": "overlong_penalty", "kwargs": {"max_len": 8}}])
 
 
 def test_reward_timeout_zero_fails_at_load(tmp_path, no_run, capsys):
