@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 Tensor = torch.Tensor
@@ -282,6 +284,43 @@ def agg_seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, num_tokens: float | 
 
 
 # ----------------------------------------------------------------------------------------------
+# Off-policy correction: the rollout engine's sampling distribution differs from the learner's
+# (other kernels, bf16 rounding, a lagging weights version), so its samples are weighted by
+# pi_old / pi_rollout (truncated importance sampling, TIS), or the tokens/sequences whose ratio
+# exceeds the cap are masked out.
+# ----------------------------------------------------------------------------------------------
+
+IS_MODES = ("off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, mode: str, cap: float
+               ) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Detached per-token weights [.., T] of the policy loss, and their metrics.
+
+    token_*: r_t = exp(old_t - rollout_t) per token; sequence_*: r = exp(sum_t (old_t - rollout_t))
+    over the sequence's completion (the last dim), the same for all its tokens.
+    *_truncate: w = min(r, cap); *_mask: w = 1 where r <= cap, else 0. off: (None, {}).
+    Metrics: is_weight_mean (mean w over the mask) and is_clip_frac (fraction of tokens whose r
+    exceeded the cap).
+    """
+    if mode == "off":
+        return None, {}
+    if mode not in IS_MODES:
+        raise ValueError(f"importance sampling mode {mode!r}; accepted: {', '.join(IS_MODES)}")
+    mask = mask.to(old_logp.dtype)
+    log_r = ((old_logp - rollout_logp) * mask).detach()
+    if mode.startswith("sequence"):
+        log_r = log_r.sum(-1, keepdim=True).expand_as(log_r)
+    # exp of a clamped log: no overflow for long sequences; the cap decides beyond it anyway
+    r = torch.exp(log_r.clamp(max=math.log(cap) + 1.0))
+    hit = (r > cap).to(mask.dtype)
+    w = r.clamp(max=cap) if mode.endswith("truncate") else 1.0 - hit
+    w = w * mask
+    n = mask.sum().clamp(min=1)
+    return w, {"is_weight_mean": w.sum() / n, "is_clip_frac": (hit * mask).sum() / n}
+
+
+# ----------------------------------------------------------------------------------------------
 # The full GRPO loss of one (micro-)batch.
 # ----------------------------------------------------------------------------------------------
 
@@ -289,15 +328,18 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
               policy_loss: str = "clip", params: LossParams = LossParams(),
               ref_logp: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
               loss_agg: str = "token-mean", num_tokens: float | None = None,
-              num_seqs: float | None = None, max_len: int | None = None
+              num_seqs: float | None = None, max_len: int | None = None, is_weight: Tensor | None = None
               ) -> tuple[Tensor, dict[str, Tensor]]:
-    """policy loss + kl_coef * KL(pi || ref) per token, aggregated. Returns (loss, detached metrics).
+    """policy loss (times is_weight, when given) + kl_coef * KL(pi || ref) per token, aggregated.
+    Returns (loss, detached metrics).
 
     Metrics are token means over this batch's mask (KL is reported whenever ref_logp is given,
     even with kl_coef 0).
     """
     mask = mask.to(logp.dtype)
     per_token, metrics = get_policy_loss(policy_loss)(logp, old_logp, adv, mask, params)
+    if is_weight is not None:  # off-policy correction of the policy term (is_weights)
+        per_token = per_token * is_weight
     n = mask.sum().clamp(min=1)
     metrics = {k: v.detach() for k, v in metrics.items()}
     if ref_logp is not None:

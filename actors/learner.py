@@ -77,6 +77,11 @@ class GRPOConfig:
     max_refill_rounds: extra serial rounds of prompts when a step still has fewer groups with a
       signal than prompts_per_step (a fallback; each costs a generate call).
     async_mode: off | one_step (rollout of step k+1 overlaps the update of step k).
+    is_correction: off-policy correction against the rollout engine's logprobs (grpo_math.is_weights):
+      off | token_truncate | token_mask | sequence_truncate | sequence_mask; auto (the job's
+      default) = token_truncate with vLLM rollouts, off with the hf engine (the learner's own maths).
+    is_cap: the cap C of the importance ratio pi_old / pi_rollout (truncate: min(r, C); mask: r > C
+      drops the token or sequence).
     cuda_graphs: on a GPU, each micro-batch's forward + backward is one replayed CUDA graph (the
       batch packed into fixed-shape micro-batches: actors/learner_graph.py), as in SFT; off, or
       where a graph cannot be used (policy_loss gspo, an unsupported model), the eager path.
@@ -111,6 +116,8 @@ class GRPOConfig:
     max_oversample: float = field(default=4.0, metadata={"min": 1})
     max_refill_rounds: int = field(default=1, metadata={"min": 0})
     async_mode: Literal["off", "one_step"] = "off"
+    is_correction: Literal["auto", "off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "auto"
+    is_cap: float = field(default=2.0, metadata={"gt": 1})
     cuda_graphs: bool = True
     num_learners: int = field(default=1, metadata={"min": 1})
     num_cpus: float = field(default=1.0, metadata={"min": 0})
@@ -155,6 +162,8 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         self.temperature = logprob_temperature if logprob_temperature > 0 else 1.0
         self.max_len_norm = cfg.max_len_norm or max_len_norm
+        # "auto" is the job's to resolve (it knows the rollout engine); a learner built alone: off
+        self.is_mode = "off" if cfg.is_correction == "auto" else cfg.is_correction
         self.pad_id = pad_id
         # a Ray actor sees only its own GPU(s): index 0 of CUDA_VISIBLE_DEVICES
         self.device = (torch.device("cuda", 0) if cfg.num_gpus > 0 and torch.cuda.is_available()
@@ -184,7 +193,7 @@ class Learner:
         # fixed-shape micro-batches replayed as CUDA graphs (GPU); else the eager packed path
         from actors.learner_graph import FixedShapeLoss, unsupported
 
-        why = unsupported(cfg, self.model, self.device)
+        why = unsupported(cfg, self.model, self.device, model_cfg.finetune)
         self.fixed = FixedShapeLoss(self) if why is None else None
         self.notes["learner_cuda_graphs"] = "on" if why is None else f"off ({why})"
 
@@ -350,10 +359,13 @@ class Learner:
             mask = t["mask"]
             old = self._padded(sub, "old_logprobs", mask) if "old_logprobs" in sub else lp.detach()
             ref = self._padded(sub, "ref_logprobs", mask) if "ref_logprobs" in sub else None
+            isw, is_m = gm.is_weights(old, t["rollout_logprobs"], mask, self.is_mode, cfg.is_cap)
             loss, m = gm.grpo_loss(lp, old, t["advantages"], mask, policy_loss=cfg.policy_loss,
                                    params=params, ref_logp=ref, kl_coef=cfg.kl_coef,
                                    kl_estimator=cfg.kl_estimator, loss_agg=cfg.loss_agg,
-                                   num_tokens=num_tokens, num_seqs=num_seqs, max_len=self.max_len_norm)
+                                   num_tokens=num_tokens, num_seqs=num_seqs, max_len=self.max_len_norm,
+                                   is_weight=isw)
+            m.update(is_m)
             loss.backward()
             w = float(sum(len(c) for c in sub["completion_ids"]))  # = mask.sum(), counted on the host
             tok_w_total += w

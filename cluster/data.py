@@ -378,8 +378,10 @@ def _finish(seqs, cfg: DataConfig, pad_id: int, seed: int, *, train: bool):
 
 
 def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
-                   task: Literal["sft", "cpt"] = "sft") -> DataBundle:
-    """Read, tokenize and pack `cfg.path` (and the eval split); see the module docstring."""
+                   task: Literal["sft", "cpt"] = "sft", on_stage=None) -> DataBundle:
+    """Read, tokenize and pack `cfg.path` (and the eval split); see the module docstring.
+    on_stage: called with "read", "tokenize", "pack" as each stage starts (a progress bar's hook)."""
+    stage = on_stage or (lambda name: None)
     import ray
     from ray.data.expressions import col
 
@@ -402,6 +404,7 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
     logger.info("reading %d source(s) from %s%s", len(train_sources), train_path,
                 f" and {len(eval_sources)} eval source(s) from {eval_path}" if eval_sources else "")
 
+    stage("read")
     raw_train = readers.read_sources(train_sources, part=0, max_rows=cfg.max_rows)
     if raw_train.count() == 0:
         raise ValueError(f"data.path: no rows in {train_path!r} (empty file?)")
@@ -423,6 +426,7 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
             "max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation, "cpt": cpt, "seed": seed}
     raw = readers.concat_in_order(raws) if len(raws) > 1 else raws[0]
     t_tok = time.perf_counter()
+    stage("tokenize")
     tokenized = raw.map_batches(
         TokenizeRows, fn_constructor_kwargs={"tokenizer_dir": os.path.abspath(tokenizer_dir), "spec": spec},
         batch_size=TOKENIZE_BATCH, batch_format="numpy", num_cpus=1,
@@ -458,6 +462,7 @@ def build_datasets(cfg: DataConfig, tokenizer_dir: str, *, seed: int = 0,
     logger.info("tokenized %d rows -> %d sequences, %d tokens (%d targets) in %.1fs",
                 tr["rows_read"], tr["sequences"], tr["tokens"], tr["target_tokens"], tok_seconds)
 
+    stage("pack")
     ok = col("_status") == OK
     is_train = (col("_part") == 0) & (col("_u") >= thr)
     train, packed_rows = _finish(tokenized.filter(expr=ok & is_train), cfg, pad_id, seed, train=True)

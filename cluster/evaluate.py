@@ -20,6 +20,7 @@ of a model (tests use fixed texts).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -217,7 +218,9 @@ class VLLMBackend:
         params = SamplingParams(n=n, temperature=temperature, top_p=self.top_p if temperature > 0 else 1.0,
                                 max_tokens=max_new_tokens, stop=self.stop or None, seed=seed,
                                 stop_token_ids=list(self.stop_ids) or None)
-        outs = self.llm.generate(texts, params, use_tqdm=False)
+        from cluster import console
+
+        outs = self.llm.generate(texts, params, use_tqdm=console.bars_on())  # vLLM's bar, on a terminal
         return [[c.text for c in o.outputs] for o in outs]
 
 
@@ -302,7 +305,12 @@ def evaluate(model_or_path, tokenizer, rows: list[dict] | None, cfg: EvalConfig 
     backend = make_backend(model_or_path, tokenizer, cfg)
     temperature = cfg.sampling_temperature
     prompts = [messages_for(q, cfg.system_prompt) for q, _ in pairs]
-    completions = backend.sample(prompts, cfg.k, temperature, cfg.max_new_tokens, cfg.seed)
+    from cluster import console
+
+    # the elapsed time on a terminal (vLLM draws its own bar)
+    with contextlib.nullcontext() if isinstance(backend, VLLMBackend) else \
+            console.phase(f"[eval] {len(prompts)} problems" + (f" x {cfg.k} samples" if cfg.k > 1 else "")):
+        completions = backend.sample(prompts, cfg.k, temperature, cfg.max_new_tokens, cfg.seed)
     if len(completions) != len(prompts):
         raise RuntimeError(f"evaluate: the backend returned {len(completions)} results for {len(prompts)} prompts")
 

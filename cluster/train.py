@@ -129,6 +129,7 @@ def fit(spec: TrainSpec, train_ds, eval_ds=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cluster import console
     from cluster.checkpoint import RAY_SNAPSHOT, choose_resume, is_local_path
 
     root = checkpoint_root(spec.train, spec.output_dir)
@@ -137,9 +138,20 @@ def fit(spec: TrainSpec, train_ds, eval_ds=None):
         if os.path.exists(os.path.join(root, RAY_SNAPSHOT)):
             os.remove(os.path.join(root, RAY_SNAPSHOT))  # or Ray would resume from its snapshot
     elif local:
-        chosen = choose_resume(root, spec.train.keep_checkpoints, warn=lambda m: _say(f"[train] warning: {m}"))
+        chosen = choose_resume(root, spec.train.keep_checkpoints, warn=lambda m: console.write(f"[train] warning: {m}"))
         if chosen:
             spec = replace(spec, train=replace(spec.train, resume_from=chosen))
+    if spec.model.finetune == "full" and spec.model.dtype in ("bfloat16", "float16") \
+            and spec.train.strategy != "deepspeed":  # said here, once: a worker's log line is not shown
+        console.write(f"[train] warning: full fine-tuning with {spec.model.dtype} weights and no fp32 master "
+                      f"copy: AdamW updates below {spec.model.dtype} resolution are lost; use model.dtype=auto "
+                      f"(fp32 weights, bf16 autocast) or strategy deepspeed")
+
+    # the progress of the steps: a bar (or ~10 lines) drawn here from metrics.jsonl; with --verbose
+    # rank 0 prints a line every trainer.log_every steps instead, as before
+    follow = not console.verbose()
+    if follow:
+        spec = replace(spec, extra={**spec.extra, "driver_progress": True})
     datasets = {"train": train_ds}
     if eval_ds is not None:
         datasets["eval"] = eval_ds
@@ -158,7 +170,33 @@ def fit(spec: TrainSpec, train_ds, eval_ds=None):
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=exec_opts),
     )
-    return _fit_off_main_thread(trainer.fit)
+    if not follow:
+        return _fit_off_main_thread(trainer.fit)
+    start = _resume_step(spec.train.resume_from) if spec.train.resume_from else 0
+    bar = console.Progress("[train] step", spec.total_steps, initial=start)
+    with console.follow_metrics(os.path.join(spec.output_dir, "metrics.jsonl"), bar, step_fields):
+        return _fit_off_main_thread(trainer.fit)
+
+
+def step_fields(record: dict, seen: dict) -> str:
+    """A step's fields on the console (metrics.jsonl keys): loss, the latest eval_loss, lr, tokens/s."""
+    parts = [f"loss {record['loss']:.4f}"] if isinstance(record.get("loss"), (int, float)) else []
+    if isinstance(seen.get("eval_loss"), (int, float)):
+        parts.append(f"eval_loss {seen['eval_loss']:.4f}")
+    if isinstance(record.get("lr"), (int, float)):
+        parts.append(f"lr {record['lr']:.2e}")
+    if isinstance(record.get("tokens_per_s"), (int, float)):
+        parts.append(f"tok/s {record['tokens_per_s']:.0f}")
+    return "  ".join(parts)
+
+
+def _resume_step(folder: str) -> int:
+    from cluster.checkpoint import read_state
+
+    try:
+        return int(read_state(folder)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _fit_off_main_thread(run):
@@ -192,11 +230,6 @@ def _build_for_training(spec: TrainSpec, device):
     """Model with adapters, kernels patched, checkpointing set (kernels.factory); returns (model, notes)."""
     from kernels.factory import build_training_model
 
-    if spec.model.finetune == "full" and spec.model.dtype in ("bfloat16", "float16") \
-            and spec.train.strategy != "deepspeed":
-        log.warning("full fine-tuning with %s weights and no fp32 master copy: AdamW updates "
-                    "below %s resolution are lost; use model.dtype=auto (fp32 weights, bf16 "
-                    "autocast) or strategy deepspeed", spec.model.dtype, spec.model.dtype)
     return build_training_model(spec.model, kernels=spec.kernels, vocab_size=spec.vocab_size,
                                 device=device, seed=spec.seed)
 
@@ -408,7 +441,9 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
             last_metrics = metrics
             if files is not None:
                 files.log_metrics(metrics)
-                if step % tc.log_every == 0 or step == spec.total_steps or stop:
+                # a line every log_every steps, unless the driver draws the progress (fit, from metrics.jsonl)
+                if not spec.extra.get("driver_progress") and (
+                        step % tc.log_every == 0 or step == spec.total_steps or stop):
                     extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
                     _say(f"[train] step {step}/{spec.total_steps} loss {stats['loss']:.4f}{extra} "
                          f"lr {lr:.2e} grad_norm {gnorm:.3f} tok/s {metrics['tokens_per_s']:.0f}")
@@ -435,7 +470,8 @@ def _train_worker(config: dict):  # noqa: C901 - a linear training loop reads be
 
 def _say(msg: str) -> None:
     """A progress line on the worker's stdout (Ray forwards it to the driver once; Ray Train's
-    patched print() would also log it, so each line would show twice)."""
+    patched print() would also log it, so each line would show twice). The driver's console shows
+    the worker's `[tag] ` lines only (cluster/ray_session.py)."""
     import sys
 
     sys.stdout.write(msg + "\n")

@@ -237,6 +237,7 @@ class JobArgs:
     overrides: list[str]
     target: str | None = None
     options: argparse.Namespace = dataclasses.field(default_factory=argparse.Namespace)
+    verbose: bool = False  # --verbose (jobs that start Ray): Ray's full output on the console
 
 
 class _JobArgumentParser(argparse.ArgumentParser):
@@ -253,7 +254,8 @@ def config_keys(cls) -> list[str]:
 
 def parse_job_args(prog: str, argv: list[str] | None, config_cls, *, description: str = "",
                    target: str | None = None, target_help: str = "", config: bool = True,
-                   options: typing.Sequence[tuple[tuple[str, ...], dict]] = ()) -> JobArgs:
+                   options: typing.Sequence[tuple[tuple[str, ...], dict]] = (),
+                   verbose_option: bool = False) -> JobArgs:
     """Parse `prog [TARGET] [CONFIG.yaml] [key.sub=value ...] [--options]`, the form of every job.
 
     prog: as shown in the usage ("posttrain sft"); argv: the arguments after it (None: sys.argv[1:]);
@@ -261,11 +263,13 @@ def parse_job_args(prog: str, argv: list[str] | None, config_cls, *, description
     target: the metavar of a leading, required argument (eval's run folder), or None;
     config: whether a CONFIG.yaml may be given (first, once; any file that exists, or a .yaml/.yml path);
     options: the job's own --options as (flags, argparse keyword arguments) pairs.
+    verbose_option: accept -v/--verbose (JobArgs.verbose), for the jobs that start Ray (cluster.console).
     `--help` prints the usage and exits 0; a malformed line raises UsageError (a ConfigError) naming
     the argument. Unknown keys are rejected by `load` (through `build`), naming the key.
     """
     usage = " ".join([prog, *([target] if target else []), *(["[CONFIG.yaml]"] if config else []),
-                      "[key.sub=value ...]", *(["[options]"] if options else [])])
+                      "[key.sub=value ...]", *(["[options]"] if options else []),
+                      *(["[--verbose]"] if verbose_option else [])])
     rows = ([(target, target_help)] if target else []) + \
         ([("CONFIG.yaml", "a YAML config (optional: defaults otherwise)")] if config else []) + \
         [("key.sub=value", "set one config key; the value reads as YAML (1e-4, true, [a, b])")]
@@ -278,9 +282,16 @@ def parse_job_args(prog: str, argv: list[str] | None, config_cls, *, description
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     for flags, kwargs in options:
         p.add_argument(*flags, **kwargs)
+    if verbose_option:
+        p.add_argument("-v", "--verbose", action="store_true", dest="_verbose",
+                       help="show Ray's full output (worker logs, Ray Data plans, Ray Train messages) and a "
+                            "plain line per progress update instead of progress bars")
     ns = p.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     rest = list(ns.args)
     del ns.args
+    verbose = bool(getattr(ns, "_verbose", False))
+    if verbose_option:
+        del ns._verbose
 
     def bad(arg: str, expected: str):
         return UsageError(f"argument {arg!r}: expected {expected} (usage: {usage}; see --help)")
@@ -299,4 +310,4 @@ def parse_job_args(prog: str, argv: list[str] | None, config_cls, *, description
         if not _OVERRIDE_RE.match(arg):
             where = "; CONFIG.yaml comes first, once" if config and arg.endswith(_CONFIG_SUFFIXES) else ""
             raise bad(arg, f"key.sub=value{where}")
-    return JobArgs(config_path, rest, found_target, ns)
+    return JobArgs(config_path, rest, found_target, ns, verbose)

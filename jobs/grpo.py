@@ -116,6 +116,16 @@ def prepare_start_model(cfg: GRPOJobConfig, files: RunFiles) -> GRPOJobConfig:
     return replace(cfg, model=replace(cfg.model, path=merged, tokenizer=tok))
 
 
+def resolved_grpo(cfg: GRPOJobConfig):
+    """The learner's config with grpo.is_correction "auto" decided: token_truncate against vLLM's
+    logprobs (another engine: its kernels and bf16 rounding differ from the learner's), off for
+    the hf engine (the learner's own model code)."""
+    g = cfg.grpo
+    if g.is_correction != "auto":
+        return g
+    return replace(g, is_correction="token_truncate" if cfg.rollout.backend == "vllm" else "off")
+
+
 def tokenizer_dir(cfg: GRPOJobConfig) -> str:
     d = cfg.model.tokenizer or cfg.model.path
     if not d or not os.path.exists(os.path.join(d, "tokenizer_config.json")):
@@ -303,21 +313,32 @@ def step_record(step: int, groups: list[list], rewards: list[float], keep: list[
         record[f"reward/{k}/timeouts"] = sum(r.timeouts.get(k, 0) for r in reward_results)
     record.update({f"time/{k}": v for k, v in timing.items()})
     for k in ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm",
-              "lr", "ratio_mean", "mismatch_kl", "optimizer_steps"):
+              "lr", "ratio_mean", "mismatch_kl", "is_weight_mean", "is_clip_frac", "optimizer_steps"):
         if k in lm:
             record[k] = lm[k]
     return record
 
 
+def step_fields(r: dict) -> str:
+    """A step's metrics on the console: the progress bar's postfix, or the plain line's tail."""
+    return (f"reward {r['reward/mean']:.3f}"
+            + (f"  acc {r['accuracy']:.3f}" if "accuracy" in r else "")
+            + f"  kept {r['groups/kept']}/{r['groups/total']}  len {r['response_length/mean']:.1f}"
+            + (f"  kl {r['kl']:.4f}" if "kl" in r else "")
+            + (f"  clip {r['clip_frac']:.3f}" if "clip_frac" in r else "")
+            + f"  | rollout {r['time/rollout_s']:.1f}s reward {r['time/reward_s']:.1f}s "
+              f"update {r['time/update_s']:.1f}s sync {r['time/sync_s']:.2f}s other {r.get('time/other_s', 0.0):.2f}s")
+
+
 def print_step(r: dict, max_steps: int) -> None:
-    print(f"[grpo] step {r['step']}/{max_steps}  reward {r['reward/mean']:.3f}"
-          + (f"  acc {r['accuracy']:.3f}" if "accuracy" in r else "")
-          + f"  kept {r['groups/kept']}/{r['groups/total']}  len {r['response_length/mean']:.1f}"
-          + (f"  kl {r['kl']:.4f}" if "kl" in r else "")
-          + (f"  clip {r['clip_frac']:.3f}" if "clip_frac" in r else "")
-          + f"  | rollout {r['time/rollout_s']:.1f}s reward {r['time/reward_s']:.1f}s "
-            f"update {r['time/update_s']:.1f}s sync {r['time/sync_s']:.2f}s other {r.get('time/other_s', 0.0):.2f}s",
-          flush=True)
+    """One step on the console (cluster.console): a progress bar with ETA on a terminal, these
+    fields as its postfix; elsewhere a plain line at every ~10% of the run (--verbose: every step)."""
+    from cluster import console
+
+    bar = console.progress("grpo", "[grpo] step", max_steps, initial=r["step"] - 1)
+    bar.update(r["step"], step_fields(r))
+    if r["step"] >= max_steps:
+        bar.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +428,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     placement = Placement.build(cfg.rollout, cfg.grpo)
     rollouts = RolloutGroup(cfg.model, cfg.rollout, tok_dir, seed=cfg.seed, lora=lora, placement=placement,
                             num_threads=threads)
-    learners = LearnerGroup(cfg.model, cfg.grpo, logprob_temperature=cfg.rollout.temperature,
+    learners = LearnerGroup(cfg.model, resolved_grpo(cfg), logprob_temperature=cfg.rollout.temperature,
                             max_len_norm=cfg.rollout.max_tokens, seed=cfg.seed, pad_id=tok.pad_token_id or 0,
                             placement=placement, num_threads=threads, kernels=cfg.kernels)
     sync = WeightSync(learners, rollouts, cfg.rollout, lora)
@@ -581,28 +602,37 @@ def demo_grpo(output_dir: str, overrides: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from actors.reward import RewardFailureError
+    from cluster import console
     from cluster.ray_session import shutdown_ray, stop_on_signals
     from jobs.config import parse_job_args
 
     cfg = None
     try:
-        args = parse_job_args("posttrain grpo", argv, GRPOJobConfig, description=__doc__)
+        args = parse_job_args("posttrain grpo", argv, GRPOJobConfig, description=__doc__, verbose_option=True)
+        console.configure(verbose=args.verbose)
+        console.setup_logging()
         cfg = load(GRPOJobConfig, args.config, args.overrides)
         if preflight_grpo(cfg):  # one line on stderr, before Ray starts or weights load
             return 2
         stop_on_signals()
         run_grpo(cfg)
     except ConfigError as e:
+        console.close_all()  # an open progress bar would otherwise share the error's line
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except RewardFailureError as e:  # more than reward.max_failure_rate of a step's samples failed
+        console.close_all()
         shutdown_ray()  # first: Ray's forwarded worker logs would otherwise trail the line
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (cluster.ray_session.Interrupted)
+        console.close_all()
         if cfg is None:
             raise
         return report_interrupt(e, cfg)
+    except BaseException:  # the traceback below the bar, not on its line
+        console.close_all()
+        raise
     return 0
 
 

@@ -22,7 +22,6 @@ SIGTERM ends it with one line naming the last checkpoint saved (exit code 130 / 
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -108,11 +107,13 @@ def prepare_tokenizer(cfg: SFTJobConfig, files: RunFiles) -> str:
         return out  # resume: reuse the tokenizer the run was trained with
     from cluster.data_samples import tokenizer_training_texts
 
+    from cluster import console
+
     texts = tokenizer_training_texts(cfg.data, seed=cfg.seed)
     t0 = time.time()
     train_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size, out_dir=out)
-    print(f"[sft] trained a {cfg.tokenizer_vocab_size}-entry BPE tokenizer on {len(texts)} texts "
-          f"in {time.time() - t0:.1f}s -> {out}", flush=True)
+    console.write(f"[sft] trained a {cfg.tokenizer_vocab_size}-entry BPE tokenizer on {len(texts)} texts "
+                  f"in {time.time() - t0:.1f}s -> {out}")
     return out
 
 
@@ -177,9 +178,14 @@ def check_resume(cfg: SFTJobConfig, files: RunFiles) -> None:
         raise ConfigError(str(e)) from None
 
 
+# the data phase's progress bar: the stage that starts at each position (build_datasets names 1-3)
+DATA_STAGES = ("tokenizer", "read", "tokenize", "pack", "materialize")
+
+
 def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
     import torch
 
+    from cluster import console
     from cluster.data_samples import held_out_rows
     from kernels.model import build_model
     from kernels.tokenizer import load_tokenizer
@@ -189,16 +195,26 @@ def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
     check_resume(cfg, files)  # before config.yaml is rewritten
     dump_yaml(cfg, files.path("config.yaml"))
     init_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)
-    tok_dir = prepare_tokenizer(cfg, files)
-    tok = load_tokenizer(tok_dir)
-    bundle = build_datasets(cfg.data, tok_dir, seed=cfg.seed, task=task)
+    t_data = time.time()
+    bar = console.Progress(f"[{task}] data", len(DATA_STAGES), unit="stage", lines=False, leave=False)
+    bar.update(0, DATA_STAGES[0])
+    try:
+        tok_dir = prepare_tokenizer(cfg, files)
+        tok = load_tokenizer(tok_dir)
+        bundle = build_datasets(cfg.data, tok_dir, seed=cfg.seed, task=task,
+                                on_stage=lambda name: bar.update(DATA_STAGES.index(name), name))
+        bar.update(DATA_STAGES.index("materialize"), "materialize")
+        tc = cfg.trainer
+        train_ds = bundle.train.materialize()  # packed once here; workers then only read their split
+        eval_ds = bundle.eval.materialize() if bundle.eval is not None else None
+        n_rows = train_ds.count()
+        bar.update(len(DATA_STAGES))
+    finally:
+        bar.close()
     stats = bundle.stats
-    print(f"[sft] data: {stats.get('rows_ok')} rows ok, {stats.get('rows_bad')} bad, "
-          f"{stats.get('tokens')} tokens, {stats.get('tokens_per_s', 0):.0f} tok/s in the pipeline", flush=True)
-    tc = cfg.trainer
-    train_ds = bundle.train.materialize()  # packed once here; workers then only read their split
-    eval_ds = bundle.eval.materialize() if bundle.eval is not None else None
-    n_rows = train_ds.count()
+    print(f"[{task}] data: {stats.get('rows_ok')} rows ok, {stats.get('rows_bad')} bad, "
+          f"{stats.get('tokens')} tokens, {stats.get('tokens_per_s', 0):.0f} tok/s in the pipeline; "
+          f"{n_rows} rows ready in {time.time() - t_data:.0f}s", flush=True)
     per_step = tc.micro_batch_size * tc.grad_accum * tc.num_workers
     steps_per_epoch = n_rows // per_step
     if steps_per_epoch == 0:
@@ -254,22 +270,28 @@ def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
 
 
 def _print_summary(s: dict, files: RunFiles) -> None:
-    print("[sft] ---- summary ----")
-    print(f"[sft] steps {s.get('steps')}  loss {s.get('first_loss'):.4f} -> {s.get('last_loss'):.4f}"
-          + (f"  eval_loss {s['eval_loss_end']:.4f}" if s.get("eval_loss_end") is not None else ""))
-    if "eval_accuracy_start" in s:
-        print(f"[sft] held-out exact match {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy_end']:.3f}")
+    """Two lines: the run's figures, and what it wrote where."""
+    tag = f"[{s.get('task', 'sft')}]"
+    loss = (f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
+            if s.get("first_loss") is not None and s.get("last_loss") is not None else "no steps logged")
+    print(f"{tag} done: {s.get('steps')} steps, {loss}"
+          + (f", eval_loss {s['eval_loss_end']:.4f}" if s.get("eval_loss_end") is not None else "")
+          + (f", held-out exact match {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy_end']:.3f}"
+             if "eval_accuracy_start" in s else ""))
+    written = []
     for key in ("adapter_dir", "merged_dir", "report"):
         if s.get(key):
-            print(f"[sft] {key}: {s[key]}")
-    print(f"[sft] metrics: {files.metrics_path}\n[sft] summary: {files.summary_path}", flush=True)
+            rel = os.path.relpath(os.path.abspath(s[key]), files.output_dir)
+            written.append(s[key] if rel.startswith("..") else rel + ("/" if os.path.isdir(s[key]) else ""))
+    written += [os.path.basename(files.metrics_path), os.path.basename(files.summary_path)]
+    print(f"{tag} wrote {', '.join(written)} in {files.output_dir}", flush=True)
 
 
 def parse_args(argv: list[str] | None, prog: str):
     """`prog [CONFIG.yaml] [key.sub=value ...]` -> jobs.config.JobArgs (UsageError on a bad line)."""
     from jobs.config import parse_job_args
 
-    return parse_job_args(prog, argv, SFTJobConfig, description=__doc__)
+    return parse_job_args(prog, argv, SFTJobConfig, description=__doc__, verbose_option=True)
 
 
 def for_task(cfg: SFTJobConfig, task: str) -> SFTJobConfig:
@@ -280,9 +302,12 @@ def for_task(cfg: SFTJobConfig, task: str) -> SFTJobConfig:
 
 
 def main(argv: list[str] | None = None, task: str = "sft") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from cluster import console
+
     try:
         args = parse_args(argv, f"posttrain {task}")
+        console.configure(verbose=args.verbose)  # before anything prints: bars, Ray's output
+        console.setup_logging()
         cfg = for_task(load(SFTJobConfig, args.config, args.overrides), task)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

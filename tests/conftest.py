@@ -72,3 +72,15 @@ def tiny_merged_dir(tmp_path_factory, tiny_tokenizer_dir):
         return made[dtype]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct from ../shared (its GGUF, converted once per session to a
+    float32 model folder by kernels.model.gguf_to_folder, ~20 s); skipped where the file is absent."""
+    from hub_cache import SMOLLM2_GGUF
+    from kernels.model import gguf_to_folder
+
+    if not os.path.exists(SMOLLM2_GGUF):
+        pytest.skip("needs ../shared/models/smollm2-135m-instruct")
+    return gguf_to_folder(SMOLLM2_GGUF, str(tmp_path_factory.mktemp("smollm2") / "model"), dtype="float32")

@@ -218,3 +218,34 @@ def test_grpo_loss_combines_policy_kl_and_aggregation():
     assert loss.item() == pytest.approx((-1 + 0.05 - 1) / 2)
     assert m["kl"].item() == pytest.approx(0.25)
     assert m["clip_frac"].item() == 0.0
+
+
+def test_importance_sampling_weights_by_hand():
+    """pi_old / pi_rollout per token and per sequence, truncated or masked at the cap (2)."""
+    import math
+
+    old = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, 0.0]])
+    rollout = torch.tensor([[-1.0, -2.0, -0.5], [-2.5, -2.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # token ratios: [1, e, e^-0.5], [e^0.5, e^0.5, (masked)]
+    w, m = gm.is_weights(old, rollout, mask, "token_truncate", 2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, math.exp(-0.5)], [math.exp(0.5), math.exp(0.5), 0.0]]))
+    assert float(m["is_clip_frac"]) == pytest.approx(1 / 5)
+    assert float(m["is_weight_mean"]) == pytest.approx((1 + 2 + math.exp(-0.5) + 2 * math.exp(0.5)) / 5, rel=1e-6)
+    w, _ = gm.is_weights(old, rollout, mask, "token_mask", 2.0)
+    assert w.tolist() == [[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
+    # sequence ratios: e^(0 + 1 - 0.5) = e^0.5 (under the cap), e^(0.5 + 0.5) = e (over it)
+    w, m = gm.is_weights(old, rollout, mask, "sequence_truncate", 2.0)
+    torch.testing.assert_close(w, torch.tensor([[math.exp(0.5)] * 3, [2.0, 2.0, 0.0]]))
+    w, m = gm.is_weights(old, rollout, mask, "sequence_mask", 2.0)
+    assert w.tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]] and float(m["is_clip_frac"]) == pytest.approx(2 / 5)
+    assert gm.is_weights(old, rollout, mask, "off", 2.0) == (None, {})
+    # the weight multiplies the policy term only, and is not differentiated
+    logp = old.clone().requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0])
+    w, _ = gm.is_weights(logp, rollout, mask, "token_truncate", 2.0)
+    plain, _ = gm.grpo_loss(logp, logp.detach(), adv, mask)
+    weighted, _ = gm.grpo_loss(logp, logp.detach(), adv, mask, is_weight=w)
+    (g_plain,) = torch.autograd.grad(plain, logp)
+    (g_w,) = torch.autograd.grad(weighted, logp)
+    torch.testing.assert_close(g_w, g_plain * w)

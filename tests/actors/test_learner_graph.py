@@ -17,14 +17,15 @@ VOCAB = 512
 LORA = ModelConfig(preset="tiny", dtype="float32", finetune="lora", lora=LoraConfig(r=8, alpha=16))
 
 
-def _batch(seed=0, n=9):
+def _batch(seed=0, n=6):
     g = torch.Generator().manual_seed(seed)
     prompts, completions = [], []
     for i in range(n):
         prompts.append(torch.randint(4, VOCAB, (3 + i % 4,), generator=g).tolist())
         completions.append(torch.randint(4, VOCAB, (1 + (i * 3) % 7,), generator=g).tolist())
     return {"prompt_ids": prompts, "completion_ids": completions,
-            "rollout_logprobs": [[-1.0 - 0.1 * j for j in range(len(c))] for c in completions],
+            # around the tiny model's own (~ -6.2): some ratios pi_old / pi_rollout above a cap of 2
+            "rollout_logprobs": [[-5.0 - 1.0 * ((i + j) % 4) for j in range(len(c))] for i, c in enumerate(completions)],
             "advantages": torch.linspace(-1, 1, n).tolist()}
 
 
@@ -70,18 +71,22 @@ def _grads_and_metrics(fixed: bool, cfg: GRPOConfig, batch: dict):
     return {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.requires_grad}, m
 
 
-@pytest.mark.parametrize("agg,kl", [("token-mean", 0.0), ("seq-mean-token-mean", 0.1),
-                                    ("seq-mean-token-sum-norm", 0.0)])
-def test_fixed_shape_loss_matches_the_learner(agg, kl):
+@pytest.mark.parametrize("agg,kl,is_mode", [("token-mean", 0.0, "off"), ("seq-mean-token-mean", 0.1, "token_truncate"),
+                                            ("seq-mean-token-sum-norm", 0.0, "token_mask")])
+def test_fixed_shape_loss_matches_the_learner(agg, kl, is_mode):
     batch = _batch()
     cfg = GRPOConfig(prompts_per_step=3, loss_agg=agg, kl_coef=kl, log_kl=kl > 0, max_grad_norm=0.0,
-                     micro_batch_size=4, micro_batch_tokens=40, old_logprobs="rollout")
+                     micro_batch_size=4, micro_batch_tokens=40, is_correction=is_mode)
     g_ref, m_ref = _grads_and_metrics(False, cfg, batch)
     g_fix, m_fix = _grads_and_metrics(True, cfg, batch)
     assert set(g_ref) == set(g_fix) and len(g_ref) > 0
     for n in g_ref:
         torch.testing.assert_close(g_fix[n], g_ref[n], atol=2e-6, rtol=1e-4, msg=n)
-    for k in ("loss", "clip_frac", "ratio_mean", "entropy", "mismatch_kl", "grad_norm") + (("kl",) if kl else ()):
+    keys = ("loss", "clip_frac", "ratio_mean", "entropy", "mismatch_kl", "grad_norm") + (("kl",) if kl else ()) \
+        + (("is_weight_mean", "is_clip_frac") if is_mode != "off" else ())
+    if is_mode != "off":  # the batch's ratios straddle the cap: the correction does something here
+        assert 0 < m_ref["is_clip_frac"] < 1
+    for k in keys:
         assert m_fix[k] == pytest.approx(m_ref[k], rel=1e-4, abs=1e-6), k
 
 
@@ -91,6 +96,7 @@ def test_graphs_refused_where_they_cannot_run():
         "grpo.cuda_graphs is false"
     assert unsupported(GRPOConfig(prompts_per_step=2, policy_loss="gspo"), None, torch.device("cuda")).startswith(
         "policy_loss 'gspo'")
+    assert unsupported(cfg, None, torch.device("cuda"), "qlora").startswith("model.finetune qlora")
     learner = Learner(LORA, cfg, vocab_size=VOCAB, seed=0)
     assert learner.notes["learner_cuda_graphs"].startswith("off (device cpu")
 

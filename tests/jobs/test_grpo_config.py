@@ -47,3 +47,15 @@ def test_policy_loss_reinforce_does_not_lift_the_group_requirement():
 
 def test_kernels_section_reaches_the_config():
     assert _load("kernels.mode=reference").kernels.mode == "reference"
+
+
+def test_importance_sampling_auto_follows_the_rollout_engine():
+    from jobs.grpo import resolved_grpo
+
+    assert resolved_grpo(_load()).is_correction == "off"  # hf engine: the learner's own model code
+    vllm = _load("rollout.backend=vllm", "rollout.num_gpus=0.5", "grpo.num_gpus=0.5")
+    assert resolved_grpo(vllm).is_correction == "token_truncate"
+    assert resolved_grpo(_load("rollout.backend=vllm", "rollout.num_gpus=0.5",
+                               "grpo.is_correction=sequence_mask")).is_correction == "sequence_mask"
+    with pytest.raises((ConfigError, ValueError), match="grpo.is_cap"):
+        _load("grpo.is_cap=1.0")

@@ -142,13 +142,13 @@ def test_grpo_prompts_from_a_dataset_name(offline, tmp_path, no_run):
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.isfile(SMOLLM2_GGUF), reason=f"{SMOLLM2_GGUF} is not here")
-def test_acceptance_smollm2_by_its_hub_id(tmp_path_factory, monkeypatch, no_run, tmp_path):
+def test_acceptance_smollm2_by_its_hub_id(tmp_path_factory, monkeypatch, no_run, tmp_path, smollm2_folder):
     """The issue's command, `posttrain sft jobs/configs/tiny-sft.yaml model.path=HuggingFaceTB/SmolLM2-135M-Instruct`,
     offline against a cache entry converted from the real model's GGUF (kernels.model.gguf_to_folder, ~20 s)."""
-    from kernels.model import build_model, gguf_to_folder
+    from kernels.model import build_model
     from kernels.tokenizer import load_tokenizer
 
-    folder = gguf_to_folder(SMOLLM2_GGUF, str(tmp_path_factory.mktemp("smollm2") / "model"), dtype="bfloat16")
+    folder = smollm2_folder  # the session's conversion (tests/conftest.py)
     cache = str(tmp_path_factory.mktemp("hf-hub-smollm2"))
     cache_repo(cache, "HuggingFaceTB/SmolLM2-135M-Instruct", folder)
     monkeypatch.setenv("HF_HUB_CACHE", cache)

@@ -643,18 +643,14 @@ def test_llama1b_merged4_export_timing(llama1b_run, tmp_path):
     print(f"\n[llama-3.2-1b] merged4: export {dt:.1f}s, {size / 2**30:.2f} GiB, reload {load_s:.1f}s")
 
 
-SMOLLM2_GGUF = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "models", "smollm2-135m-instruct",
-                            "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.mark.skipif(not os.path.exists(SMOLLM2_GGUF), reason="needs ../shared/models/smollm2-135m-instruct")
-def test_gguf_to_folder_loads_like_the_gguf(tmp_path):
+def test_gguf_to_folder_loads_like_the_gguf(smollm2_folder):
     """A real .gguf file (SmolLM2-135M-Instruct, Q4_1) becomes a model folder (what vLLM and the
     GRPO job load): the same logits as transformers reading the .gguf itself, the same tokenizer
     beside it, and a second call reuses the folder."""
+    from hub_cache import SMOLLM2_GGUF
     from kernels.model import gguf_to_folder
 
-    out = gguf_to_folder(SMOLLM2_GGUF, str(tmp_path / "folder"), dtype="float32")
+    out = smollm2_folder  # gguf_to_folder(SMOLLM2_GGUF, ..., dtype="float32"), once per session
     assert os.path.exists(os.path.join(out, "config.json")) and os.path.exists(os.path.join(out, "tokenizer_config.json"))
     direct = build_model(ModelConfig(path=SMOLLM2_GGUF, dtype="float32")).eval()
     folder = build_model(ModelConfig(path=out, dtype="float32")).eval()
