@@ -77,6 +77,8 @@ class GRPOConfig:
     max_refill_rounds: extra serial rounds of prompts when a step still has fewer groups with a
       signal than prompts_per_step (a fallback; each costs a generate call).
     async_mode: off | one_step (rollout of step k+1 overlaps the update of step k).
+    mask_truncated_completions: completions cut at rollout.max_tokens (finish reason "length") add
+      nothing to the loss, its normalisers or the metrics (DAPO's overlong filtering).
     is_correction: off-policy correction against the rollout engine's logprobs (grpo_math.is_weights):
       off | token_truncate | token_mask | sequence_truncate | sequence_mask; auto (the job's
       default) = token_truncate with vLLM rollouts, off with the hf engine (the learner's own maths).
@@ -116,6 +118,7 @@ class GRPOConfig:
     max_oversample: float = field(default=4.0, metadata={"min": 1})
     max_refill_rounds: int = field(default=1, metadata={"min": 0})
     async_mode: Literal["off", "one_step"] = "off"
+    mask_truncated_completions: bool = False
     is_correction: Literal["auto", "off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "auto"
     is_cap: float = field(default=2.0, metadata={"gt": 1})
     cuda_graphs: bool = True
@@ -294,6 +297,8 @@ class Learner:
         steps (and ranks). `batch` is this rank's shard (LearnerGroup shards the global batch)."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        if cfg.mask_truncated_completions and "truncated" in batch:
+            batch = select(batch, [i for i, t in enumerate(batch["truncated"]) if not t])
         n = batch_size(batch)
         need_old = cfg.old_logprobs == "learner" and cfg.ppo_epochs * cfg.num_minibatches > 1
         if need_old:

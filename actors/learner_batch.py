@@ -26,6 +26,7 @@ def make_batch(samples: list, advantages: list[float]) -> dict:
         "completion_ids": [list(s.completion_token_ids) for s in samples],
         "rollout_logprobs": [list(s.logprobs) for s in samples],
         "advantages": [float(a) for a in advantages],
+        "truncated": [s.finish_reason == "length" for s in samples],  # for grpo.mask_truncated_completions
     }
 
 

@@ -9,7 +9,11 @@
   3. report.png of both runs.
 
   make demo                      # sets up .venv, then runs this
-  python -m jobs.demo [output_dir=runs/demo] [grpo=false] [grpo_steps=20]
+  python -m jobs.demo [output_dir=runs/demo] [grpo=false] [grpo_steps=20] [--verbose]
+
+The console shows a progress bar per long phase (plain lines when the output is not a terminal)
+and one line per event; Ray's own output goes to Ray's log files (the folder is named at the
+start). --verbose shows Ray's full output instead (cluster/console.py).
 """
 from __future__ import annotations
 
@@ -36,13 +40,14 @@ class DemoConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
+    from cluster import console
     from jobs.config import ConfigError, load, parse_job_args
 
-    logging.basicConfig(level=logging.WARNING)
     try:
-        args = parse_job_args("posttrain demo", argv, DemoConfig, description=__doc__, config=False)
+        args = parse_job_args("posttrain demo", argv, DemoConfig, description=__doc__, config=False,
+                              verbose_option=True)
+        console.configure(verbose=args.verbose)
+        console.setup_logging()
         demo = load(DemoConfig, None, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

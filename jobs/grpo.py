@@ -544,6 +544,8 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         record = step_record(step + 1, all_groups, all_rewards, keep, kept, samples, train_rewards.tolist(),
                              refill_rounds, reward_results, acc_key, lm, si, timing, v_before)
         record["groups/oversample"] = factor
+        if cfg.grpo.mask_truncated_completions:  # samples the learner left out of the loss
+            record["samples/masked_truncated"] = sum(s.finish_reason == "length" for s in samples)
         # where the phases' time goes (parts of time/rollout_s and time/update_s, not added to the step)
         record.update({f"time/split/{k}": v for k, v in split.items()})
         if "learner_update_s" in lm:

@@ -126,3 +126,17 @@ def test_learner_graph_replays_and_matches_eager_on_gpu():
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-3, rtol=2e-2, msg=n)
     assert m1["loss"] == pytest.approx(m0["loss"], rel=2e-2, abs=1e-4)
+
+
+def test_mask_truncated_completions_leaves_them_out_of_the_loss():
+    """Masking the truncated samples = training on the batch without them (loss, normalisers, metrics)."""
+    batch = dict(_batch(), truncated=[i % 3 == 0 for i in range(6)])
+    kept = {k: [v[i] for i in range(6) if i % 3] for k, v in batch.items()}
+    cfg = GRPOConfig(prompts_per_step=3, max_grad_norm=0.0, mask_truncated_completions=True)
+    g_mask, m_mask = _grads_and_metrics(False, cfg, batch)
+    g_kept, m_kept = _grads_and_metrics(False, cfg, kept)
+    g_all, _ = _grads_and_metrics(False, GRPOConfig(prompts_per_step=3, max_grad_norm=0.0), batch)
+    for n in g_mask:
+        torch.testing.assert_close(g_mask[n], g_kept[n])
+    assert any(not torch.allclose(g_mask[n], g_all[n]) for n in g_mask)
+    assert m_mask["loss"] == pytest.approx(m_kept["loss"]) and m_mask["learner_tokens"] == m_kept["learner_tokens"]
