@@ -232,6 +232,9 @@ def parse_args(argv):
     p.add_argument("--micro-batch", type=int, default=64, help="trl: per_device_train_batch_size")
     p.add_argument("--no-gc", action="store_true", help="gradient checkpointing off (all contenders)")
     p.add_argument("--trl-sleep", action="store_true", help="trl: vllm_enable_sleep_mode (default: TRL's, off)")
+    p.add_argument("--sleep-level", type=int, choices=(0, 1, 2), default=1,
+                   help="ours: rollout.sleep_level (default 1, the job's: vLLM frees its memory during the update; "
+                        "0 keeps it, as TRL does without --trl-sleep)")
     p.add_argument("--contenders", default="ours,trl,vllm")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (ours with the hf engine; smoke tests)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per contender")
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "rank": a.rank, "lr": a.lr, "steps": a.steps, "warmup": a.warmup, "seed": a.seed, "sync": a.sync,
             "gpu_memory_utilization": a.gpu_memory_utilization, "gpu_share": a.gpu_share,
             "max_model_len": a.max_model_len, "micro_batch": a.micro_batch, "gradient_checkpointing": not a.no_gc,
-            "trl_sleep": a.trl_sleep, "device": "cpu" if a.cpu else "cuda"}
+            "trl_sleep": a.trl_sleep, "sleep_level": a.sleep_level, "device": "cpu" if a.cpu else "cuda"}
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "posttrain bench grpo " + " ".join(argv),
               "settings": {k: v for k, v in spec.items() if k not in ("model_dir", "prompts")},
               "model": a.model or f"preset {a.preset} (random weights)", "results": {}}

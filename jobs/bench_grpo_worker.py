@@ -71,7 +71,7 @@ def ours_config(spec: dict) -> dict:
                     "max_tokens": spec["max_tokens"], "ignore_eos": spec["fixed_length"], "sync": spec["sync"],
                     "num_gpus": share if gpu else 0.0, "placement": "colocated",
                     "gpu_memory_utilization": spec["gpu_memory_utilization"], "max_model_len": spec["max_model_len"],
-                    "batch_size": spec["prompts_per_step"]},
+                    "batch_size": spec["prompts_per_step"], "sleep_level": spec.get("sleep_level", 1)},
         "reward": {"functions": [{"name": "math_answer"}], "num_actors": 1},
         "grpo": {"prompts_per_step": spec["prompts_per_step"], "kl_coef": 0.0, "log_kl": False,
                  "loss_agg": "token-mean", "eps_low": 0.2, "eps_high": 0.28, "lr": spec["lr"], "ppo_epochs": 1,
