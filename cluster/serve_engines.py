@@ -1,14 +1,18 @@
 """Serving engines behind the app of cluster/serve_http.py: `hf` and `vllm-async`.
 
-Both have one interface: encode_chat / encode_text, max_model_len, vocab_size, `features` (what
-of "logprobs", "penalties", "response_format" the engine honours; the app refuses the rest with
-a 400), and `stream(prompt_ids, n=, max_tokens=, temperature=, top_p=, stop=, seed=, ignore_eos=,
-logprobs=, presence_penalty=, frequency_penalty=, repetition_penalty=, response_format=)`, an
-async iterator of `Event`s (text deltas per choice, a finish_reason on each choice's last, and
-with `logprobs=k` the logprob of every sampled token with its k most likely alternatives).
+Both have one interface: encode_chat / encode_text (and async encode / encode_tool_chat, on the
+tokenizer thread), max_model_len, vocab_size, `features` (what of "logprobs", "penalties",
+"response_format", "tools" the engine honours; the app refuses the rest with a 400), and
+`stream(prompt_ids, n=, max_tokens=, temperature=, top_p=, stop=, seed=, ignore_eos=, logprobs=,
+presence_penalty=, frequency_penalty=, repetition_penalty=, response_format=)`, an async iterator
+of `Event`s (text deltas per choice, a finish_reason on each choice's last, and with `logprobs=k`
+the logprob of every sampled token with its k most likely alternatives).
 Chat rendering, prompt encoding, decoding and the stop ids (eos, generation config eos ids, the
 chat template's end-of-turn token) come from kernels.generation, as for rollout and eval:
-finish_reason is "stop" on any stop id or stop string, "length" only at max_tokens.
+finish_reason is "stop" on any stop id or stop string, "length" only at max_tokens. A chat with
+tools (or tool calls and results in its history) is rendered by cluster.serve_tools instead
+(`apply_chat_template(..., tools=)`, or its fallback); the engines generate text either way and
+the app parses tool calls out of it, so tool calling is the same on both engines.
 
 `hf` decodes token by token itself rather than calling `generate()`: each step is a small job
 on one worker thread, so concurrent requests interleave step by step (no request waits for
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.serve_openai import StopText
+from cluster.serve_tools import ToolPlan, encode_tool_chat
 from kernels.generation import decode, encode_prompt, load_generation_config, stop_token_ids
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -262,12 +267,18 @@ class _Text:
     def encode_text(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text)
 
-    async def encode(self, prompt: str | list[dict]) -> list[int]:
-        """encode_text (a string) or encode_chat (messages), off the event loop."""
+    async def _on_tokenizer_thread(self, fn, *args):
         if self._tok_pool is None:
             self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tok_pool, encode_prompt, self.tokenizer, prompt)
+        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn, *args)
+
+    async def encode(self, prompt: str | list[dict]) -> list[int]:
+        """encode_text (a string) or encode_chat (messages), off the event loop."""
+        return await self._on_tokenizer_thread(encode_prompt, self.tokenizer, prompt)
+
+    async def encode_tool_chat(self, messages: list[dict], plan: ToolPlan) -> tuple[list[int], str]:
+        """(prompt ids, prefill) of a chat with tools or tool messages (cluster.serve_tools), off the event loop."""
+        return await self._on_tokenizer_thread(encode_tool_chat, self.tokenizer, messages, plan)
 
     @functools.cached_property
     def max_token_chars(self) -> int:
@@ -326,7 +337,7 @@ class HFEngine(_Text):
     output: `response_format` json is refused (400) by the app."""
 
     name = "hf"
-    features = frozenset({"logprobs", "penalties"})
+    features = frozenset({"logprobs", "penalties", "tools"})
 
     def __init__(self, path: str, adapter: str = "", tokenizer: str = "", dtype: str = "auto",
                  device: str | None = None, max_model_len: int = 0):
@@ -423,7 +434,8 @@ class VLLMAsyncEngine(_Text):
         self.tokenizer = load_tokenizer(tok_dir)
         self.stop_ids = stop_token_ids(self.tokenizer, load_generation_config(path))
         self._structured = _structured_outputs_api()
-        self.features = frozenset({"logprobs", "penalties"} | ({"response_format"} if self._structured else set()))
+        self.features = frozenset({"logprobs", "penalties", "tools"} |
+                                  ({"response_format"} if self._structured else set()))
         args = AsyncEngineArgs(model=path, tokenizer=tok_dir, dtype=dtype,
                                max_model_len=max_model_len or None,
                                tensor_parallel_size=tensor_parallel_size,

@@ -6,7 +6,9 @@ TestClient as well as through Ray Serve. Order of checks on every model route: A
 body size against max_request_bytes (413: from Content-Length, else while reading), body (400),
 fields the engine cannot honour (400, `serve_openai.engine_refusal`), model name (404), prompt
 length against max_model_len (400: first from its character count, which needs no
-tokenisation, then in tokens), then generation.
+tokenisation, then in tokens), then generation. A chat with `tools` (tool_choice not "none") is
+rendered with them and each answer parsed for tool calls (cluster/serve_tools.py); streamed,
+the calls come as one `tool_calls` delta at the end of their choice.
 
 Nothing of one request holds the event loop for long: the body is bounded, tokenisation runs
 on the engine's tokenizer thread, decode steps on its model thread. Any unexpected exception
@@ -21,6 +23,7 @@ from cluster.serve_openai import (
     chat_chunk, chat_logprobs, chat_response, completion_chunk, completion_logprobs, completion_response,
     engine_refusal, error_body, model_card, new_id, parse_request, sse, too_large, usage, usage_chunk,
 )
+from cluster.serve_tools import ToolStream, parse_tool_calls
 
 DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default max_tokens for /v1/completions
 
@@ -162,18 +165,23 @@ class _Handlers:
         if not engine.has_chat_template():
             raise bad_request("this model's tokenizer has no chat template; use /v1/completions",
                               param="messages")
-        chat = req.chat()
+        chat, plan = req.chat(), req.tool_plan()
         self.check_chars(sum(len(m["content"]) for m in chat), "messages")
+        prefill = ""
         try:
-            ids = await engine.encode(chat)
+            if plan.active or req.has_tool_messages():
+                ids, prefill = await engine.encode_tool_chat(chat, plan)
+            else:
+                ids = await engine.encode(chat)
         except Exception as e:  # noqa: BLE001 - template errors are the request's fault
             raise bad_request(f"messages could not be rendered with the chat template: {e}",
                               param="messages") from None
         max_tokens = self.budget(len(ids), req.requested_max_tokens(), None, "messages")
         args = self.gen_args(req, max_tokens)
         rid = new_id("chatcmpl")
+        tools = plan if plan.active else None
         if req.stream:
-            return StreamingResponse(self._chat_stream(rid, model, ids, args, req.include_usage()),
+            return StreamingResponse(self._chat_stream(rid, model, ids, args, req.include_usage(), tools, prefill),
                                      media_type="text/event-stream")
         texts, reasons, total = [""] * req.n, ["length"] * req.n, 0
         lps: list[list] = [[] for _ in range(req.n)]
@@ -184,21 +192,39 @@ class _Handlers:
                 reasons[ev.index] = ev.finish_reason
                 total += ev.tokens
         want_lp = "logprobs" in args
-        choices = [(t, r, chat_logprobs(lp) if want_lp else None) for t, r, lp in zip(texts, reasons, lps)]
+        choices = []
+        for text, reason, lp in zip(texts, reasons, lps):
+            calls = None
+            if tools is not None:           # the answer starts with the prefill (a forced call)
+                text, calls = parse_tool_calls(prefill + text, tools)
+                reason = "tool_calls" if calls else reason
+            choices.append((text, reason, chat_logprobs(lp) if want_lp else None, calls))
         return JSONResponse(chat_response(rid, model, choices, usage(len(ids), total)))
 
-    async def _chat_stream(self, rid, model, ids, args, include_usage):
+    async def _chat_stream(self, rid, model, ids, args, include_usage, tools=None, prefill=""):
         created, total = int(time.time()), 0
+        # with tools: each choice's text goes through a ToolStream (calls held back, sent at its end)
+        held = [ToolStream(tools, prefill) for _ in range(args["n"])] if tools is not None else None
         try:
             for i in range(args["n"]):
                 yield sse(chat_chunk(rid, model, created, i, {"role": "assistant", "content": ""}))
             async for ev in self.s.engine.stream(ids, **args):
-                if ev.text or ev.logprobs:
+                text = held[ev.index].feed(ev.text) if held else ev.text
+                if text or ev.logprobs:
                     lp = chat_logprobs(self.pieces(ev.logprobs)) if ev.logprobs else None
-                    yield sse(chat_chunk(rid, model, created, ev.index, {"content": ev.text}, logprobs=lp))
+                    yield sse(chat_chunk(rid, model, created, ev.index, {"content": text}, logprobs=lp))
                 if ev.finish_reason:
                     total += ev.tokens
-                    yield sse(chat_chunk(rid, model, created, ev.index, {}, ev.finish_reason))
+                    reason = ev.finish_reason
+                    if held:
+                        rest, calls = held[ev.index].finish()
+                        if rest:
+                            yield sse(chat_chunk(rid, model, created, ev.index, {"content": rest}))
+                        if calls:
+                            reason = "tool_calls"
+                            delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                            yield sse(chat_chunk(rid, model, created, ev.index, delta))
+                    yield sse(chat_chunk(rid, model, created, ev.index, {}, reason))
             if include_usage:
                 yield sse(usage_chunk(rid, model, created, "chat.completion.chunk", usage(len(ids), total)))
         except Exception as e:  # noqa: BLE001 - headers are sent; report in-band

@@ -3,7 +3,9 @@
 No Ray and no torch here, so every rule of the HTTP contract has fast unit tests:
 - requests are pydantic models; a bad field becomes a 400 whose `param` names the field, and
   so does a field we do not implement (never ignored: see NOOP_VALUES), or one the engine
-  cannot honour (`engine_refusal`: e.g. `response_format` json on the hf engine);
+  cannot honour (`engine_refusal`: e.g. `response_format` json on the hf engine); the tool
+  fields of chat (`tools`, `tool_choice`, messages' `tool_calls` / `tool_call_id`) are checked
+  by cluster/serve_tools.py, which also renders and parses tool calls;
 - every error body is `{"error": {"message", "type", "param", "code"}}` (what the official
   clients parse into `openai.BadRequestError` & co.);
 - `StopText` turns a growing decoded string into safe-to-send deltas: text that could still
@@ -18,6 +20,8 @@ import uuid
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cluster.serve_tools import ToolFieldError, ToolPlan, check_messages, check_tools
 
 MAX_N = 16          # choices per request; each one is a row of the decode batch
 MAX_STOP = 4        # stop strings per request (the OpenAI limit)
@@ -66,8 +70,10 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024     # ServeConfig.max_request_bytes
 
 # OpenAI request fields this server does not implement -> the values that mean "not used".
 # (logprobs, top_logprobs, the penalties and response_format are declared fields: implemented,
-# or refused per engine by `engine_refusal`.) Tool calling is not implemented: `tools` and
-# `tool_choice` are refused at any value that could make the model call a tool.
+# or refused per engine by `engine_refusal`; so are chat's tools / tool_choice /
+# parallel_tool_calls, which therefore remain here only for /v1/completions, where no tool can
+# be called.) The deprecated `functions` / `function_call` are refused at any value that asks
+# for a call: send `tools`.
 NOOP_VALUES: dict[str, tuple] = {
     "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
@@ -77,9 +83,9 @@ NOOP_VALUES: dict[str, tuple] = {
     "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
 }
 # ... and in a chat message: what clients echo back from a response's message.
+# (tool_calls and tool_call_id are declared fields of ChatMessage, checked by serve_tools.)
 MESSAGE_NOOP_VALUES: dict[str, tuple] = {
-    "name": (None,), "refusal": (None,), "tool_calls": (None, []), "tool_call_id": (None,),
-    "function_call": (None,), "audio": (None,), "annotations": (None, []),
+    "name": (None,), "refusal": (None,), "function_call": (None,), "audio": (None,), "annotations": (None, []),
 }
 
 
@@ -191,6 +197,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict], None] = None
+    tool_calls: Any = None          # assistant: [{"id", "type": "function", "function": {"name", "arguments"}}]
+    tool_call_id: Any = None        # tool: the id of the call it answers
 
     def text(self) -> str:
         """The message's text; list content is the OpenAI parts form (text parts only)."""
@@ -212,14 +220,31 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: Any = None               # checked by serve_tools.check_tools (in unsupported())
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat(self) -> list[dict]:
-        # "developer" is the newer name of "system"; templates know only the latter
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        """The messages as dicts of role and text content (and tool_calls / tool_call_id where set)."""
+        out = []
+        for m in self.messages:
+            # "developer" is the newer name of "system"; templates know only the latter
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            out.append(msg)
+        return out
+
+    def has_tool_messages(self) -> bool:
+        return any(m.tool_calls or m.role == "tool" for m in self.messages)
+
+    def tool_plan(self) -> ToolPlan:
+        return ToolPlan.of(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -231,6 +256,11 @@ class ChatCompletionRequest(_Sampling):
         for i, m in enumerate(self.messages):
             _refuse_extras(dict(m.model_extra or {}), set(ChatMessage.model_fields),
                            MESSAGE_NOOP_VALUES, where=f"messages.{i}.")
+        try:
+            check_tools(self.tools, self.tool_choice)
+            check_messages([m.model_dump(include={"role", "tool_calls", "tool_call_id"}) for m in self.messages])
+        except ToolFieldError as e:
+            raise bad_request(str(e), param=e.param, code=e.code) from None
 
 
 class CompletionRequest(_Sampling):
@@ -272,7 +302,7 @@ class CompletionRequest(_Sampling):
 def engine_refusal(req: _Sampling, features: frozenset | set, engine: str) -> OpenAIError | None:
     """The 400 for the first field of `req` the engine cannot honour, or None.
 
-    features: what the engine implements, of "logprobs", "penalties", "response_format"."""
+    features: what the engine implements, of "logprobs", "penalties", "response_format", "tools"."""
     def refuse(param: str, what: str, hint: str = "") -> OpenAIError:
         return bad_request(f"{param}: {what} is not supported by the {engine} engine{hint}", param=param,
                            code="unsupported_parameter")
@@ -282,6 +312,9 @@ def engine_refusal(req: _Sampling, features: frozenset | set, engine: str) -> Op
     for name, value in req.penalties().items():
         if value != (1.0 if name == "repetition_penalty" else 0.0) and "penalties" not in features:
             return refuse(name, f"{value:g}")
+    plan = req.tool_plan() if isinstance(req, ChatCompletionRequest) else None
+    if plan is not None and plan.active and "tools" not in features:
+        return refuse("tools", "tool calling")
     rf = req.structured()
     if rf is not None and "response_format" not in features:
         return refuse("response_format", f'{{"type": "{rf["type"]}"}}',
@@ -323,12 +356,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def chat_message(content: str | None, tool_calls: list[dict] | None = None) -> dict:
+    """The assistant message of a choice; `tool_calls` (serve_tools.parse_tool_calls) only when there are some."""
+    msg = {"role": "assistant", "content": content}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
+
+
 def chat_response(rid: str, model: str, choices: list[tuple], usage_: dict) -> dict:
-    """choices: (text, finish_reason) or (text, finish_reason, logprobs) in index order; logprobs
-    as `chat_logprobs` makes them (None when not asked for)."""
+    """choices: (text, finish_reason), (text, finish_reason, logprobs) or (text, finish_reason,
+    logprobs, tool_calls) in index order; logprobs as `chat_logprobs` makes them (None when not
+    asked for); text None when an answer is only tool calls."""
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c[0]},
+        "choices": [{"index": i, "message": chat_message(c[0], c[3] if len(c) > 3 else None),
                      "logprobs": c[2] if len(c) > 2 else None, "finish_reason": c[1]}
                     for i, c in enumerate(choices)],
         "usage": usage_,

@@ -284,3 +284,30 @@ def test_cli_no_block_deploys_a_second_app(server, merged_dir, capsys):
         assert c.completions.create(model="cli-model", prompt="Gus has", max_tokens=3).choices
     finally:
         serve.delete("cli")
+
+
+def test_tool_calling_round_trip(client):
+    """Issue 16, over Ray Serve with the official client, within this app's max_model_len of 128:
+    tools with tool_choice "none" (not rendered: the prompt is the plain one), the follow-up with
+    the assistant's tool_calls and the tool's result (streamed), a result that answers no call
+    (400 naming it), and tool_choice "auto", whose rendered tools alone overflow 128 tokens of
+    the tiny tokenizer. A call forced out of the model, the parsing, and the round trip from a
+    real tool_calls answer: tests/cluster/test_serve_tools.py, in process."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=1, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=tools, tool_choice="none", max_tokens=1,
+                                       temperature=0)
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens and r.choices[0].message.tool_calls is None
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    follow = ask + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=follow, tools=tools, tool_choice="none",
+                                                 max_tokens=4, temperature=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=follow[:1] + follow[2:], tools=tools, max_tokens=2)
+    assert e.value.param == "messages.1.tool_call_id"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ask, tools=tools, max_tokens=2)
+    assert e.value.code == "context_length_exceeded" and "128" in str(e.value)

@@ -1,8 +1,9 @@
 """Issue 17: the OpenAI request fields as the official `openai` client sends them, against the hf
 engine's app (starlette's TestClient as the client's HTTP transport; no Ray): logprobs and
 top_logprobs (chat, streaming included) and logprobs (completions) are returned; the penalties
-change the output; what the engine cannot honour (response_format json, tools, tool_choice) and
-any unknown field is a 400 naming the field, never ignored."""
+change the output; what the engine cannot honour (response_format json, tool_choice "required"
+without tools) and any unknown field is a 400 naming the field, never ignored (tool calling
+itself: test_serve_tools.py)."""
 import math
 
 import pytest
@@ -108,8 +109,9 @@ def test_penalties_processor_matches_its_definition():
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
      "response_format"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ("chat", {"tool_choice": "auto"}, "tool_choice"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}, "strict": True}}]},
+     "tools.0.function.strict"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("chat", {"extra_body": {"top_k": 5}}, "top_k"),

@@ -129,11 +129,13 @@ def test_parse_request_accepts_openai_shapes():
     (ChatCompletionRequest, {"tempreature": 0.5}, "tempreature", "unknown_parameter"),
     (CompletionRequest, {"top_k": 5}, "top_k", "unknown_parameter"),
     (CompletionRequest, {"messages": []}, "messages", "unknown_parameter"),
-    (ChatCompletionRequest, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
-    (ChatCompletionRequest, {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
-    (ChatCompletionRequest, {"tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
+    # tools: implemented on chat (the checks of their fields: test_serve_tools.py), not on completions
+    (CompletionRequest, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    (CompletionRequest, {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    (ChatCompletionRequest, {"tool_choice": "required"}, "tool_choice", "invalid_value"),      # no tools
     (ChatCompletionRequest, {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice",
-     "unsupported_parameter"),
+     "invalid_value"),
+    (ChatCompletionRequest, {"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     # implemented fields (engine support is checked over HTTP: test_serve_openai_fields.py), bad values
     (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
     (ChatCompletionRequest, {"top_logprobs": 2}, "top_logprobs", "invalid_value"),   # needs logprobs: true
@@ -504,7 +506,7 @@ def test_cli_config_errors_exit_2(capsys, tmp_path):
 def fake_vllm(monkeypatch):
     """Just the vLLM API VLLMAsyncEngine uses: AsyncEngineArgs, AsyncLLMEngine, SamplingParams,
     RequestOutputKind, StructuredOutputsParams, and DELTA outputs of (text, token_ids, logprobs,
-    finish_reason) per choice."""
+    finish_reason) per choice: three pieces, "t0", "t1", "t2", or those a test puts in seen["texts"]."""
     import sys
     import types
     from types import SimpleNamespace as NS
@@ -523,9 +525,10 @@ def fake_vllm(monkeypatch):
             seen["prompt"] = prompt
             # with logprobs=k: the sampled token 7 and one alternative, 9 (vLLM's {id: Logprob})
             lps = None if params.logprobs is None else [{7: NS(logprob=-0.25, rank=1), 9: NS(logprob=-2.0, rank=2)}]
-            for step in range(3):
-                yield NS(outputs=[NS(index=i, text=f"t{step}", token_ids=[7], logprobs=lps,
-                                     finish_reason=("length" if step == 2 else None))
+            texts = seen.get("texts") or ["t0", "t1", "t2"]
+            for step, text in enumerate(texts):
+                yield NS(outputs=[NS(index=i, text=text, token_ids=[7], logprobs=lps,
+                                     finish_reason=("length" if step == len(texts) - 1 else None))
                                   for i in range(params.n)])
 
     class AsyncLLMEngine:
@@ -589,7 +592,7 @@ def test_vllm_async_passes_logprobs_penalties_and_response_format(fake_vllm, tin
     from cluster.serve_engines import VLLMAsyncEngine
 
     eng = VLLMAsyncEngine(tiny_dirs["base"], max_model_len=96)
-    assert eng.features == {"logprobs", "penalties", "response_format"}
+    assert eng.features == {"logprobs", "penalties", "response_format", "tools"}
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
     with TestClient(make_app(_Server(eng))) as c:
         r = c.post("/v1/chat/completions", json={
@@ -613,3 +616,30 @@ def test_vllm_async_passes_logprobs_penalties_and_response_format(fake_vllm, tin
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
         p = fake_vllm["params"]
         assert p["logprobs"] is None and "structured_outputs" not in p and r.json()["choices"][0]["logprobs"] is None
+
+
+def test_vllm_async_tool_calls(fake_vllm, tiny_dirs):
+    """Tool calling is the app's, shared by the engines: vllm-async gets the prompt with the tools
+    rendered and its answer is parsed into tool_calls, streamed or not."""
+    from starlette.testclient import TestClient
+
+    from cluster.serve_engines import VLLMAsyncEngine
+
+    eng = VLLMAsyncEngine(tiny_dirs["base"])
+    eng.max_model_len = 2048          # the stand-in reports 96: too short for the tools' system text
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    fake_vllm["texts"] = ["<tool_call>", '{"name": "add", ', '"arguments": {"a": 1}}</tool_call>']
+    body = {"messages": [{"role": "user", "content": "1 + 2"}], "max_tokens": 40, "tools": tools}
+    with TestClient(make_app(_Server(eng))) as c:
+        r = c.post("/v1/chat/completions", json=body).json()
+        assert "You can call these functions" in eng.decode(fake_vllm["prompt"]["prompt_token_ids"])
+        (choice,) = r["choices"]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert [(t["function"]["name"], json.loads(t["function"]["arguments"])) for t in choice["message"]["tool_calls"]] \
+            == [("add", {"a": 1})]
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        deltas = [ch["choices"][0]["delta"] for ch in chunks]
+        assert [d["tool_calls"][0]["function"]["name"] for d in deltas if "tool_calls" in d] == ["add"]
+        assert not "".join(d.get("content") or "" for d in deltas)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
