@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from dataclasses import dataclass
 
+from kernels.tool_format import TOOL_CLOSE, TOOL_OPEN, tool_call_blocks
+from kernels.tool_format import format_tool_call as _format
 from rewards.code import run_tests
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.DOTALL)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = TOOL_OPEN, TOOL_CLOSE
 _CHUNK = 180  # characters of the report per harness line (the harness keeps 200 of a message)
 _REPORT = "ToolReport"
 _MAX_ERROR = 300
@@ -60,7 +60,8 @@ def parse_tool_call(text: str) -> tuple[ToolCall | None, str | None]:
     """(the first tool call of `text`, None) or (None, why it is malformed); (None, None) when
     the text holds no `<tool_call>` at all. A missing `</tool_call>` at the end of the text is
     accepted (a completion cut by the stop string or the token limit)."""
-    m = _CALL_RE.search(text)
+    blocks = tool_call_blocks(text)
+    m = blocks[0] if blocks else None
     if m is None:
         return None, None
     body = m.group(1).strip()
@@ -85,7 +86,7 @@ def parse_tool_call(text: str) -> tuple[ToolCall | None, str | None]:
 
 def format_tool_call(name: str, arguments: dict) -> str:
     """The text of one call, as the model should write it (prompts and tests)."""
-    return f"{TOOL_CALL_OPEN}{json.dumps({'name': name, 'arguments': arguments})}{TOOL_CALL_CLOSE}"
+    return _format(name, arguments)
 
 
 def _wrapped(code: str, max_output_chars: int) -> tuple[str, list[str]]:

@@ -22,10 +22,12 @@ driver only waits); `phase` shows the elapsed time of a phase of unknown length 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -77,6 +79,20 @@ def bars_on(stream: TextIO | None = None) -> bool:
     return not _verbose and is_terminal(stream) and _tqdm() is not None
 
 
+def _width(stream: TextIO) -> dict:
+    """tqdm's size arguments: follow the terminal's size, or a fixed one where the terminal
+    reports none (a pseudo-terminal of 0x0, under `script` or some CI runners: tqdm would then
+    draw nothing, taking 0 rows as no room for a bar)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        if size.columns > 0 and size.lines > 0:
+            return {"dynamic_ncols": True}
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        pass
+    cols, rows = shutil.get_terminal_size((100, 24))
+    return {"ncols": cols, "nrows": rows}
+
+
 def write(line: str, stream: TextIO | None = None) -> None:
     """One line on the console; an open bar is cleared first and drawn again below it."""
     s = stream if stream is not None else out()
@@ -103,20 +119,26 @@ class Progress:
     desc: what comes before the count ("[grpo] step"); total: the phase's length (None: unknown);
     initial: where it starts (a resumed run); unit: tqdm's unit; lines: print plain lines off a
     terminal (False: the phase ends in a line of its own, so none is needed); stream: default out();
-    leave: keep the finished bar on the terminal; clock: seconds (tests pass a fake one).
+    leave: keep the finished bar on the terminal; clock: seconds (tests pass a fake one);
+    started: the clock's time the phase began, when before now (its rate counts from there;
+    otherwise from the first update, so that a start-up, e.g. workers starting, is not a step).
     """
 
     def __init__(self, desc: str, total: int | None, *, initial: int = 0, unit: str = "step",
                  lines: bool = True, leave: bool = True, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, started: float | None = None):
         self.desc, self.total, self.n = desc, total, initial
         self.stream = stream if stream is not None else out()
         self.clock = clock
-        self.t0, self.n0 = clock(), initial
+        self.t0, self.n0 = (clock() if started is None else started), initial
+        # (time, position) the rate counts from
+        self.first: tuple[float, int] | None = None if started is None else (started, initial)
         self.bar = None
         if bars_on(self.stream):
             self.bar = _tqdm()(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
-                               mininterval=MININTERVAL_S, dynamic_ncols=True, leave=leave)
+                               mininterval=MININTERVAL_S, leave=leave, **_width(self.stream))
+            if started is not None:  # tqdm's elapsed time, from the phase's start
+                self.bar.start_t -= max(0.0, clock() - started)
         self.lines = lines and self.bar is None
         # off a terminal: a line at each multiple of `every` (verbose: every update)
         self.every = 1 if _verbose else max(1, math.ceil((total or 0) * LINE_FRACTION))
@@ -125,16 +147,21 @@ class Progress:
         self.closed = False
 
     def eta_s(self) -> float:
-        done, dt = self.n - self.n0, self.clock() - self.t0
-        if not self.total or done <= 0 or dt <= 0:
+        """Seconds left at the rate since the first update (the phase's start-up, e.g. workers
+        starting, is not a step)."""
+        if self.first is None or not self.total:
+            return float("nan")
+        done, dt = self.n - self.first[1], self.clock() - self.first[0]
+        if done <= 0 or dt <= 0:
             return float("nan")
         return (self.total - self.n) * dt / done
 
     def line(self, fields: str = "") -> str:
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         when = f"{hms(self.clock() - self.t0)} elapsed"
-        if self.total and self.n < self.total:
-            when += f", ETA {hms(self.eta_s())}"
+        eta = self.eta_s()
+        if self.total and self.n < self.total and math.isfinite(eta):
+            when += f", ETA {hms(eta)}"
         return f"{self.desc} {count}" + (f"  {fields}" if fields else "") + f"  [{when}]"
 
     def _line_due(self, n: int) -> bool:
@@ -146,6 +173,8 @@ class Progress:
         """Move to position `n` (absolute; a smaller one rewinds, e.g. a restarted worker group)."""
         if self.closed:
             return
+        if self.first is None:
+            self.first = (self.clock(), n)
         if self.bar is not None:
             if fields:
                 self.bar.set_postfix_str(fields, refresh=False)
@@ -205,7 +234,7 @@ def phase(desc: str, stream: TextIO | None = None) -> Iterator[None]:
     if not bars_on(s):
         yield
         return
-    bar = _tqdm()(total=None, desc=desc, bar_format="{desc} {elapsed}", file=s, leave=False)
+    bar = _tqdm()(total=None, desc=desc, bar_format="{desc} {elapsed}", file=s, leave=False, **_width(s))
     stop = threading.Event()
 
     def tick():

@@ -15,6 +15,7 @@ Ray's log files, named once ("Ray logs: <session>/logs"), with the dashboard's a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -92,27 +93,10 @@ def init_ray(min_cpus: int = 1, num_cpus: int = 0, tag: str = "ray"):
     verbose = console.verbose()
     import ray.data  # configures Ray Data's loggers, which quiet_ray_loggers then sees
 
+    with contextlib.nullcontext() if verbose else _ray_startup_quiet():
+        ctx = _start(ray, min_cpus, num_cpus, tag, verbose)
     if not verbose:
-        quiet_ray_loggers()  # before ray.init: it logs at startup too
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {})
-        job_vars = (job_env or {}).get("env_vars", {}) or {}
-        missing = {k: v for k, v in JOB_ENV.items() if k not in job_vars}
-        ctx = ray.init(address=address, runtime_env={"env_vars": missing} if missing else None,
-                       **ray_init_options(verbose, local=False))
-    else:
-        cpus = num_cpus or max(os.cpu_count() or 1, min_cpus)
-        opts = ray_init_options(verbose, local=True)
-        for attempt in range(3):  # a raylet gets 30 s to register: on a saturated machine, try again
-            try:
-                ctx = ray.init(num_cpus=cpus, runtime_env={"env_vars": dict(JOB_ENV)}, **opts)
-                break
-            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
-                if "timed out during startup" not in str(e) or attempt == 2:
-                    raise
-                console.write(f"[{tag}] Ray start timed out (busy machine?); retrying ({attempt + 1}/2)")
-                ray.shutdown()
+        quiet_ray_loggers()
     ctx_data = ray.data.DataContext.get_current()
     ctx_data.enable_progress_bars = False  # the jobs draw their own (cluster.console)
     ctx_data.print_on_execution_start = verbose  # "Starting execution of Dataset ...", its plan
@@ -133,6 +117,43 @@ def init_ray(min_cpus: int = 1, num_cpus: int = 0, tag: str = "ray"):
     return ray
 
 
+def _start(ray, min_cpus: int, num_cpus: int, tag: str, verbose: bool):
+    """ray.init: the cluster in RAY_ADDRESS, else a local instance (see init_ray); its RayContext."""
+    from cluster import console
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {})
+        job_vars = (job_env or {}).get("env_vars", {}) or {}
+        missing = {k: v for k, v in JOB_ENV.items() if k not in job_vars}
+        return ray.init(address=address, runtime_env={"env_vars": missing} if missing else None,
+                        **ray_init_options(verbose, local=False))
+    cpus = num_cpus or max(os.cpu_count() or 1, min_cpus)
+    opts = ray_init_options(verbose, local=True)
+    for attempt in range(3):  # a raylet gets 30 s to register: on a saturated machine, try again
+        try:
+            return ray.init(num_cpus=cpus, runtime_env={"env_vars": dict(JOB_ENV)}, **opts)
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            console.write(f"[{tag}] Ray start timed out (busy machine?); retrying ({attempt + 1}/2)")
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ray_startup_quiet():
+    """While ray.init runs, Ray's driver logger passes errors only: ray.init(configure_logging=False)
+    removes the `ray` logger's handlers, so its startup warnings (e.g. token authentication's
+    notice) would reach Python's last-resort handler, on stderr."""
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.level
+    ray_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ray_logger.setLevel(saved)
+
+
 def _logs_dir(ctx) -> str | None:
     """<session dir>/logs of the Ray instance this driver is connected to (on its head node)."""
     info = getattr(ctx, "address_info", None) or {}
@@ -142,12 +163,25 @@ def _logs_dir(ctx) -> str | None:
 
 def quiet_ray_loggers(level: int = logging.ERROR) -> None:
     """The driver's Ray loggers (`ray`, `ray.data`, ...) show only `level` and above on the console;
-    their file handlers (ray-data.log, and the driver's log from _driver_log_file) keep the rest."""
+    their file handlers (ray-data.log, and the driver's log from _driver_log_file) keep the rest.
+    A `ray` logger without a console handler gets one (else Python's last-resort handler would
+    print its warnings)."""
     names = ["ray"] + [n for n in logging.root.manager.loggerDict if n.startswith("ray.")]
     for name in names:
         for h in logging.getLogger(name).handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            if _is_console(h):
                 h.setLevel(max(h.level, level))
+    ray_logger = logging.getLogger("ray")
+    if not ray_logger.propagate and not any(_is_console(h) for h in ray_logger.handlers):
+        h = logging.StreamHandler()  # sys.stderr
+        h._posttrain_console = True
+        h.setLevel(level)
+        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ray_logger.addHandler(h)
+
+
+def _is_console(h: logging.Handler) -> bool:
+    return isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
 
 
 def _driver_log_file(path: str) -> None:

@@ -36,12 +36,12 @@ import re
 import uuid
 from dataclasses import dataclass
 
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+from kernels.tool_format import TOOL_OPEN, format_tool_call, tool_call_blocks
+
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 MAX_TOOLS = 128                                   # OpenAI's limit
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")    # OpenAI's rule for function names
 CHOICES = ("none", "auto", "required")
-_BLOCK_RE = re.compile(re.escape(TOOL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CLOSE) + r"|\Z)", re.DOTALL)
 
 # The fallback's system text (templates that do not mention tools): the tools, one JSON per line,
 # then how to call them. Kept short: it is part of every prompt of the request.
@@ -243,7 +243,7 @@ def template_supports_tools(tokenizer) -> bool:
 
 
 def _block(name: str, arguments: dict) -> str:
-    return TOOL_OPEN + "\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n" + TOOL_CLOSE
+    return format_tool_call(name, arguments, newlines=True)
 
 
 def render_messages(messages: list[dict], plan: ToolPlan, native: bool) -> tuple[list[dict], list | None]:
@@ -333,7 +333,7 @@ def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]
     OpenAI's message.tool_calls, `arguments` a JSON string."""
     names = plan.names()
     if TOOL_OPEN in text:
-        blocks = list(_BLOCK_RE.finditer(text))
+        blocks = tool_call_blocks(text)
         objs = [_load(m.group(1).strip()) for m in blocks]
         parsed = [_call(o, names, bare=False) for o in objs]
         outside, pos = [], 0

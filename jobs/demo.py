@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[demo] 3/3 reports", flush=True)
     for r in runs:
         lines.append(f"report: {os.path.abspath(write_report(r)['png'])}")
-    print("\n[demo] ---------------- summary ----------------")
+    print("[demo] ---------------- summary ----------------")
     for line in lines:
         print("[demo] " + line)
     print(f"[demo] finished in {time.time() - t0:.0f}s", flush=True)

@@ -335,7 +335,9 @@ def print_step(r: dict, max_steps: int) -> None:
     fields as its postfix; elsewhere a plain line at every ~10% of the run (--verbose: every step)."""
     from cluster import console
 
-    bar = console.progress("grpo", "[grpo] step", max_steps, initial=r["step"] - 1)
+    # the run's clock starts with its first step (this call comes at its end)
+    bar = console.progress("grpo", "[grpo] step", max_steps, initial=r["step"] - 1,
+                           started=time.monotonic() - r.get("time/step_s", 0.0))
     bar.update(r["step"], step_fields(r))
     if r["step"] >= max_steps:
         bar.close()
@@ -582,14 +584,17 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     if cfg.eval.enabled:
         acc = held_out_accuracy(cfg, merged, tok_dir)
         out.update({"eval_accuracy_end": acc["accuracy"], "eval_end_seconds": acc["seconds"]})
-        print(f"[grpo] held-out exact match at end: {acc['accuracy']:.3f} ({acc['correct']}/{acc['n']})", flush=True)
     out["report"] = files.finish()  # trackers closed; report.png of metrics.jsonl
     out["wall_seconds"] = time.time() - t_start  # this invocation: SFT warm-up (if run), GRPO, evaluations
     files.write_summary(out)
     summary = files.read_summary()
-    if "eval_accuracy_end" in summary:
-        print(f"[grpo] held-out exact match {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
-              f"in {summary['wall_seconds']:.0f}s; summary: {files.summary_path}", flush=True)
+    done = f"[grpo] done: {cfg.max_steps} steps"
+    if summary.get("reward_first") is not None and summary.get("reward_last") is not None:
+        done += f", reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}"
+    if "eval_accuracy_end" in out and "eval_accuracy_start" in summary:
+        done += (f", held-out exact match {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
+                 f"({acc['correct']}/{acc['n']})")
+    print(f"{done} in {summary['wall_seconds']:.0f}s; summary: {files.summary_path}", flush=True)
     return summary
 
 

@@ -16,6 +16,8 @@ Launch:
   posttrain sft jobs/configs/tiny-sft.yaml output_dir=runs/sft max_steps=40
   python -m jobs.sft jobs/configs/tiny-sft.yaml trainer.num_workers=2
   ray job submit --working-dir . -- python -m jobs.sft jobs/configs/llama-lora.yaml
+--verbose (-v) shows Ray's full output on the console (cluster/console.py); by default a progress
+bar per phase (plain lines when the output is not a terminal), Ray's own output in Ray's log files.
 Running it again with the same output_dir resumes from the last intact checkpoint (trainer.resume=auto;
 a changed training config is refused unless trainer.resume=force: docs/reliability.md). Ctrl-C or
 SIGTERM ends it with one line naming the last checkpoint saved (exit code 130 / 143).
@@ -259,9 +261,7 @@ def run_sft(cfg: SFTJobConfig, task: str = "sft") -> dict:
         merged = AutoModelForCausalLM.from_pretrained(files.path("merged"), dtype=torch.float32)
         acc_after = measure_accuracy(cfg, merged, tok, rows)
         summary.update({"eval_accuracy_start": acc_before["accuracy"], "eval_accuracy_end": acc_after["accuracy"],
-                        "eval_problems": acc_after["n"]})
-        print(f"[sft] held-out exact match after training: {acc_after['accuracy']:.3f} "
-              f"({acc_after['correct']}/{acc_after['n']})", flush=True)
+                        "eval_problems": acc_after["n"]})  # the summary line says it
     summary["report"] = files.finish()  # report.png of metrics.jsonl
     files.write_summary(summary)
     summary = files.read_summary()
@@ -276,8 +276,8 @@ def _print_summary(s: dict, files: RunFiles) -> None:
             if s.get("first_loss") is not None and s.get("last_loss") is not None else "no steps logged")
     print(f"{tag} done: {s.get('steps')} steps, {loss}"
           + (f", eval_loss {s['eval_loss_end']:.4f}" if s.get("eval_loss_end") is not None else "")
-          + (f", held-out exact match {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy_end']:.3f}"
-             if "eval_accuracy_start" in s else ""))
+          + (f", held-out exact match {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy_end']:.3f} "
+             f"({s.get('eval_problems')} problems)" if "eval_accuracy_start" in s else ""))
     written = []
     for key in ("adapter_dir", "merged_dir", "report"):
         if s.get(key):

@@ -55,14 +55,27 @@ def _mlflow_runs(out_dir):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+CONSOLE: dict[str, str] = {}  # output_dir -> the run's stdout + stderr
+
+# Ray's own output, which the console leaves in Ray's log files (cluster/ray_session.py)
+RAY_NOISE = ("PlacementGroupCleaner", "Failed to query Ray Train Controller", "Execution plan of Dataset",
+             "Starting execution of Dataset", "(TrainController", "(RayTrainWorker", "Reporting training result",
+             "Progress bars disabled", "Token authentication is enabled", "\x1b[36m")
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft-baseline"))
-    run_sft(out, ARGS, timeout=600)
+    CONSOLE[out] = run_sft(out, ARGS, timeout=600)[1]
     return out
 
 
 def test_acceptance_loss_drops_30pct_and_saves_models(baseline):
+    # the console: Ray's log folder named, ~10 progress lines, none of Ray's own chatter
+    log = CONSOLE[baseline]
+    assert "Ray logs: " in log and "[train] step 40/40" in log
+    assert [n for n in RAY_NOISE if n in log] == [], log[-3000:]
+    assert len(log.splitlines()) <= 30, log
     steps, losses = _losses(baseline)
     assert steps == list(range(1, STEPS + 1))
     assert losses[-1] <= 0.7 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
