@@ -138,7 +138,8 @@ def fit(spec: TrainSpec, train_ds, eval_ds=None):
         if os.path.exists(os.path.join(root, RAY_SNAPSHOT)):
             os.remove(os.path.join(root, RAY_SNAPSHOT))  # or Ray would resume from its snapshot
     elif local:
-        chosen = choose_resume(root, spec.train.keep_checkpoints, warn=lambda m: console.write(f"[train] warning: {m}"))
+        chosen = choose_resume(root, spec.train.keep_checkpoints,
+                               warn=lambda m: console.write(f"[train] warning: {m}"))
         if chosen:
             spec = replace(spec, train=replace(spec.train, resume_from=chosen))
     if spec.model.finetune == "full" and spec.model.dtype in ("bfloat16", "float16") \

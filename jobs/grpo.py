@@ -319,14 +319,14 @@ def step_record(step: int, groups: list[list], rewards: list[float], keep: list[
     return record
 
 
-def step_fields(r: dict) -> str:
-    """A step's metrics on the console: the progress bar's postfix, or the plain line's tail."""
+def step_fields(r: dict, sep: str = "  ") -> str:
+    """A step's metrics on the console: the plain line's tail, or (sep " ") the progress bar's postfix."""
     return (f"reward {r['reward/mean']:.3f}"
-            + (f"  acc {r['accuracy']:.3f}" if "accuracy" in r else "")
-            + f"  kept {r['groups/kept']}/{r['groups/total']}  len {r['response_length/mean']:.1f}"
-            + (f"  kl {r['kl']:.4f}" if "kl" in r else "")
-            + (f"  clip {r['clip_frac']:.3f}" if "clip_frac" in r else "")
-            + f"  | rollout {r['time/rollout_s']:.1f}s reward {r['time/reward_s']:.1f}s "
+            + (f"{sep}acc {r['accuracy']:.3f}" if "accuracy" in r else "")
+            + f"{sep}kept {r['groups/kept']}/{r['groups/total']}{sep}len {r['response_length/mean']:.1f}"
+            + (f"{sep}kl {r['kl']:.4f}" if "kl" in r else "")
+            + (f"{sep}clip {r['clip_frac']:.3f}" if "clip_frac" in r else "")
+            + f"{sep}| rollout {r['time/rollout_s']:.1f}s reward {r['time/reward_s']:.1f}s "
               f"update {r['time/update_s']:.1f}s sync {r['time/sync_s']:.2f}s other {r.get('time/other_s', 0.0):.2f}s")
 
 
@@ -338,7 +338,7 @@ def print_step(r: dict, max_steps: int) -> None:
     # the run's clock starts with its first step (this call comes at its end)
     bar = console.progress("grpo", "[grpo] step", max_steps, initial=r["step"] - 1,
                            started=time.monotonic() - r.get("time/step_s", 0.0))
-    bar.update(r["step"], step_fields(r))
+    bar.update(r["step"], step_fields(r, sep=" " if bar.bar is not None else "  "))
     if r["step"] >= max_steps:
         bar.close()
 

@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the jobs' local Ray starts without its dashboard in tests (~1.5 s per start saved)
+os.environ.setdefault("POSTTRAIN_DASHBOARD", "0")
 
 
 def pytest_collection_modifyitems(config, items):

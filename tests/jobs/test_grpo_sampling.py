@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from actors.learner import GRPOConfig
 from jobs.grpo_sampling import Oversampler, PromptStream
 
