@@ -56,8 +56,8 @@ def _pids_using(marker: str) -> list[int]:
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
+        try:  # `ray start --block` often outlives SIGTERM by 30 s; what it leaves is killed below
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
