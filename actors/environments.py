@@ -26,7 +26,6 @@ Built-ins (tool calls: actors/env_tools.py):
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from actors.env_tools import TOOL_CALL_CLOSE, ToolRun, calculate, format_tool_ca
 from rewards.code import check_sandbox, extract_code, run_tests
 from rewards.code_isolation import SandboxUnavailable
 from rewards.math import is_correct
+from rewards.registry import load_path
 
 OBSERVATION_ROLES = ("tool", "user")
 
@@ -137,19 +137,7 @@ def resolve_env(spec: str | type) -> type:
         raise UnknownEnvironmentError(f"environment spec must be a name or 'module:Class', got {spec!r}")
     spec = spec.strip()
     if ":" in spec:
-        mod_name, _, attr = spec.partition(":")
-        if not mod_name or not attr:
-            raise UnknownEnvironmentError(f"environment path {spec!r} must look like 'package.module:Class'")
-        try:
-            obj: Any = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise UnknownEnvironmentError(f"environment path {spec!r}: cannot import module {mod_name!r} ({e})") from e
-        for part in attr.split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                raise UnknownEnvironmentError(
-                    f"environment path {spec!r}: module {mod_name!r} has no attribute {attr!r}") from None
+        obj = load_path(spec, "environment", "Class", UnknownEnvironmentError)
         if not isinstance(obj, type) or not callable(getattr(obj, "reset", None)) \
                 or not callable(getattr(obj, "step", None)):
             raise UnknownEnvironmentError(f"environment path {spec!r} is not a class with reset() and step()")

@@ -35,7 +35,7 @@ import io
 import os
 from typing import Any, Iterable
 
-from jobs.config import ConfigError, build, load_yaml, merge_overrides, to_dict
+from jobs.config import ConfigError, build, load_yaml, merge_overrides, set_path, to_dict
 
 __all__ = ["config", "sft", "cpt", "grpo", "eval", "serve", "export"]
 
@@ -72,19 +72,6 @@ def _leaves(parts: list[str], value) -> Iterable[tuple[list[str], Any]]:
         yield parts, value
 
 
-def _set(data: dict, parts: list[str], value, key: str) -> None:
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{key}: {part!r} is not a section")
-        node[part] = dict(child)
-        node = node[part]
-    node[parts[-1]] = value
-
-
 def _mapping(source) -> dict:
     """The config mapping of a YAML path, a dict, a config object or None (a fresh copy)."""
     if source is None:
@@ -109,7 +96,7 @@ def _build(cls, source, overrides, kwargs: dict):
         if not all(parts):
             raise ConfigError(f"override {name!r}: empty key")
         for path, leaf in _leaves(parts, value):
-            _set(data, path, leaf, ".".join(path))
+            set_path(data, path, leaf, ".".join(path))
     return build(cls, data)
 
 

@@ -198,14 +198,14 @@ def run_trl(spec: dict) -> dict:
     t0 = time.time()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "reward" in h]
+    # prompt + completion tokens of a batch, for the update's tokens/s (prompt length: a sample's mean)
+    prompt_tok = statistics.mean(len(tok.apply_chat_template(_messages(spec, r["question"]), tokenize=True,
+                                                             add_generation_prompt=True, return_dict=True)["input_ids"])
+                                 for r in rows[:64])
     for s, h in zip(steps, logs):
         s["reward"] = h["reward"]
-        # prompt + completion tokens of the batch, for the update's tokens/s
         mean_len = h.get("completions/mean_length")
         if mean_len is not None and s["update_s"] > 0:
-            prompt_tok = statistics.mean(len(tok.apply_chat_template(_messages(spec, r["question"]), tokenize=True,
-                                                                     add_generation_prompt=True, return_dict=True)["input_ids"])
-                                         for r in rows[:64])
             s["learner_tokens_per_s"] = P * n * (prompt_tok + mean_len) / s["update_s"]
     return {"ok": True, "steps": steps, "wall_s": time.time() - t0,
             "settings": {"micro_batch": micro, "gradient_accumulation_steps": accum,

@@ -145,20 +145,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_path(data: dict, path: list[str], value, where: str) -> None:
+    """data[path[0]]...[path[-1]] = value, copying each section on the way (the caller's nested
+    dicts are not changed); `where` starts the error when a key on the path is not a section."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part!r} is not a section")
+        node[part] = dict(child)
+        node = node[part]
+    node[path[-1]] = value
+
+
 def merge_overrides(data: dict, overrides: list[str]) -> dict:
     out = dict(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-            node[part] = dict(child)
-            node = node[part]
-        node[path[-1]] = value
+        set_path(out, path, value, f"override {text!r}")
     return out
 
 

@@ -91,6 +91,25 @@ def registered_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def load_path(spec: str, kind: str, what: str, error: type[Exception]) -> Any:
+    """The object a `package.module:attr` path names (`module:Class.method` works too), or
+    `error` naming the path: the loader of reward functions and of environments
+    (actors/environments.py). kind/what word the messages ("reward", "function")."""
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise error(f"{kind} path {spec!r} must look like 'package.module:{what}'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise error(f"{kind} path {spec!r}: cannot import module {mod_name!r} ({e})") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise error(f"{kind} path {spec!r}: module {mod_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
 def resolve(spec: str | RewardFn) -> RewardFn:
     """A reward function from a registered name, a `module:function` path or a callable."""
     if callable(spec):
@@ -99,19 +118,7 @@ def resolve(spec: str | RewardFn) -> RewardFn:
         raise UnknownRewardError(f"reward spec must be a name or 'module:function', got {spec!r}")
     spec = spec.strip()
     if ":" in spec:
-        mod_name, _, attr = spec.partition(":")
-        if not mod_name or not attr:
-            raise UnknownRewardError(f"reward path {spec!r} must look like 'package.module:function'")
-        try:
-            obj: Any = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise UnknownRewardError(f"reward path {spec!r}: cannot import module {mod_name!r} ({e})") from e
-        for part in attr.split("."):  # `module:Class.method` works too
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                raise UnknownRewardError(
-                    f"reward path {spec!r}: module {mod_name!r} has no attribute {attr!r}") from None
+        obj = load_path(spec, "reward", "function", UnknownRewardError)
         if not callable(obj):
             raise UnknownRewardError(f"reward path {spec!r} is not callable ({type(obj).__name__})")
         return obj

@@ -5,10 +5,40 @@ that) and name the repo as a user would (tests/ is on sys.path: its conftest.py 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Callable
 
 SMOLLM2_GGUF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "shared", "models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# a dataset repo without a loading script: README.md declares two subsets, each with two splits
+DATASET_README = """---
+configs:
+- config_name: easy
+  data_files:
+  - {split: train, path: easy/train.jsonl}
+  - {split: test, path: easy/test.jsonl}
+- config_name: hard
+  data_files:
+  - {split: train, path: hard/train.jsonl}
+  - {split: test, path: hard/test.jsonl}
+---
+Arithmetic in two subsets, each with a train and a test split.
+"""
+
+
+def write_dataset_repo(folder, rows: Callable[[str, str], list[dict]]) -> str:
+    """DATASET_README and SUBSET/SPLIT.jsonl files under `folder`, rows(subset, split) in each."""
+    for subset in ("easy", "hard"):
+        os.makedirs(os.path.join(folder, subset), exist_ok=True)
+        for split in ("train", "test"):
+            with open(os.path.join(folder, subset, f"{split}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows(subset, split))
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(DATASET_README)
+    return str(folder)
 
 
 def cache_repo(cache_dir: str, repo_id: str, folder: str, repo_type: str = "model") -> str:

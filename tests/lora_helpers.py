@@ -53,3 +53,16 @@ def quantize_nf4_on_cpu(model):
                 setattr(parent, name, q)
     model.is_loaded_in_4bit = True
     return model
+
+
+def random_grpo_batch(vocab: int, seed: int = 0, n: int = 7, rollout_logprob=lambda i, j: -1.0) -> dict:
+    """A learner batch of n random sequences of varied prompt (3-6) and completion (1-7) lengths;
+    rollout_logprob(i, j) gives sequence i's j-th rollout logprob; advantages from -1 to 1."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, completions = [], []
+    for i in range(n):
+        prompts.append(torch.randint(4, vocab, (3 + i % 4,), generator=g).tolist())
+        completions.append(torch.randint(4, vocab, (1 + (i * 3) % 7,), generator=g).tolist())
+    return {"prompt_ids": prompts, "completion_ids": completions,
+            "rollout_logprobs": [[rollout_logprob(i, j) for j in range(len(c))] for i, c in enumerate(completions)],
+            "advantages": torch.linspace(-1, 1, n).tolist()}

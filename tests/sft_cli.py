@@ -36,3 +36,11 @@ def run_sft(out_dir: str, args=(), timeout: float = 900) -> tuple[list[dict], st
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return read_metrics(out_dir), proc.stdout + proc.stderr
+
+
+def stderr_line(capsys) -> str:
+    """The one line a job's main wrote on stderr (a config or preflight error), no traceback."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

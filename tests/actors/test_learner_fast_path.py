@@ -12,7 +12,7 @@ from actors.learner_batch import micro_batches
 from kernels.logprobs import fused_head_reason, sequence_logprobs
 from kernels.model import LoraConfig, ModelConfig, add_lora, build_model
 from kernels.patch import KernelsConfig
-from lora_helpers import randomise_lora
+from lora_helpers import random_grpo_batch, randomise_lora
 
 VOCAB = 512
 LORA = ModelConfig(preset="tiny", dtype="float32", finetune="lora", lora=LoraConfig(r=8, alpha=16))
@@ -21,13 +21,7 @@ ATOL, RTOL = 2e-5, 1e-4
 
 
 def _batch(seed=0, n=7):
-    g = torch.Generator().manual_seed(seed)
-    prompts, completions = [], []
-    for i in range(n):
-        prompts.append(torch.randint(4, VOCAB, (3 + i % 4,), generator=g).tolist())
-        completions.append(torch.randint(4, VOCAB, (1 + (i * 3) % 7,), generator=g).tolist())
-    return {"prompt_ids": prompts, "completion_ids": completions,
-            "rollout_logprobs": [[-1.0] * len(c) for c in completions], "advantages": torch.linspace(-1, 1, n).tolist()}
+    return random_grpo_batch(VOCAB, seed, n)
 
 
 def test_pack_layout_restarts_positions_and_indexes_completions():

@@ -11,22 +11,15 @@ from actors.learner import GRPOConfig, Learner
 from actors.learner_batch import fixed_row_length, pack_fixed
 from actors.learner_graph import FixedShapeLoss, unsupported
 from kernels.model import LoraConfig, ModelConfig
-from lora_helpers import randomise_lora
+from lora_helpers import random_grpo_batch, randomise_lora
 
 VOCAB = 512
 LORA = ModelConfig(preset="tiny", dtype="float32", finetune="lora", lora=LoraConfig(r=8, alpha=16))
 
 
 def _batch(seed=0, n=6):
-    g = torch.Generator().manual_seed(seed)
-    prompts, completions = [], []
-    for i in range(n):
-        prompts.append(torch.randint(4, VOCAB, (3 + i % 4,), generator=g).tolist())
-        completions.append(torch.randint(4, VOCAB, (1 + (i * 3) % 7,), generator=g).tolist())
-    return {"prompt_ids": prompts, "completion_ids": completions,
-            # around the tiny model's own (~ -6.2): some ratios pi_old / pi_rollout above a cap of 2
-            "rollout_logprobs": [[-5.0 - 1.0 * ((i + j) % 4) for j in range(len(c))] for i, c in enumerate(completions)],
-            "advantages": torch.linspace(-1, 1, n).tolist()}
+    # rollout logprobs around the tiny model's own (~ -6.2): some ratios pi_old / pi_rollout above a cap of 2
+    return random_grpo_batch(VOCAB, seed, n, rollout_logprob=lambda i, j: -5.0 - 1.0 * ((i + j) % 4))
 
 
 def test_pack_fixed_layout():

@@ -11,21 +11,7 @@ import pytest
 
 from cluster import readers
 from cluster.data import DataConfig
-from hub_cache import cache_repo
-
-README = """---
-configs:
-- config_name: easy
-  data_files:
-  - {split: train, path: easy/train.jsonl}
-  - {split: test, path: easy/test.jsonl}
-- config_name: hard
-  data_files:
-  - {split: train, path: hard/train.jsonl}
-  - {split: test, path: hard/test.jsonl}
----
-"""
-
+from hub_cache import cache_repo, write_dataset_repo
 
 def _jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -49,12 +35,7 @@ def offline(tmp_path, monkeypatch):
 @pytest.fixture
 def repo(tmp_path):
     """A dataset repo folder without a script: README.md declares subsets easy/hard, each train/test."""
-    root = tmp_path / "arith"
-    for subset in ("easy", "hard"):
-        for split in ("train", "test"):
-            _jsonl(root / subset / f"{split}.jsonl", _rows(f"{subset}-{split}"))
-    (root / "README.md").write_text(README)
-    return str(root)
+    return write_dataset_repo(tmp_path / "arith", lambda subset, split: _rows(f"{subset}-{split}"))
 
 
 def _questions(rows):

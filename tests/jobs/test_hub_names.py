@@ -12,39 +12,16 @@ import torch
 
 import jobs.grpo
 import jobs.sft
-from hub_cache import SMOLLM2_GGUF, cache_repo
+from hub_cache import SMOLLM2_GGUF, cache_repo, write_dataset_repo
 from jobs import preflight
+from sft_cli import stderr_line as _line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_SFT = os.path.join(ROOT, "jobs", "configs", "tiny-sft.yaml")
 TINY_GRPO = os.path.join(ROOT, "jobs", "configs", "tiny-grpo.yaml")
 SFT_ARGS = ["max_steps=2", "trainer.num_workers=1", "eval_accuracy.enabled=false"]
-README = """---
-configs:
-- config_name: easy
-  data_files:
-  - {split: train, path: easy/train.jsonl}
-  - {split: test, path: easy/test.jsonl}
-- config_name: hard
-  data_files:
-  - {split: train, path: hard/train.jsonl}
-  - {split: test, path: hard/test.jsonl}
----
-Arithmetic in two subsets, each with a train and a test split.
-"""
-
-
-def write_dataset_repo(folder) -> str:
-    """A dataset repo without a script: README.md declaring two subsets, jsonl files per split."""
-    for subset in ("easy", "hard"):
-        os.makedirs(folder / subset)
-        for split in ("train", "test"):
-            with open(folder / subset / f"{split}.jsonl", "w") as f:
-                for i in range(3):
-                    row = {"question": f"{subset} {split} {i}: {i} + 1 = ?", "answer": f"#### {i + 1}"}
-                    f.write(json.dumps(row) + "\n")
-    (folder / "README.md").write_text(README)
-    return str(folder)
+def _arith(subset: str, split: str) -> list[dict]:
+    return [{"question": f"{subset} {split} {i}: {i} + 1 = ?", "answer": f"#### {i + 1}"} for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +29,7 @@ def hub_dir(tmp_path_factory, tiny_merged_dir):
     """A hub cache: Org/Tiny (a tiny model + tokenizer) and the dataset Org/Arith."""
     cache = str(tmp_path_factory.mktemp("hf-hub"))
     cache_repo(cache, "Org/Tiny", tiny_merged_dir(torch.float32))
-    cache_repo(cache, "Org/Arith", write_dataset_repo(tmp_path_factory.mktemp("arith")), repo_type="dataset")
+    cache_repo(cache, "Org/Arith", write_dataset_repo(tmp_path_factory.mktemp("arith"), _arith), repo_type="dataset")
     return cache
 
 
@@ -62,22 +39,6 @@ def offline(hub_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return hub_dir
-
-
-@pytest.fixture
-def no_run(monkeypatch):
-    ran = []
-    monkeypatch.setattr(jobs.sft, "run_sft", lambda cfg, task="sft": ran.append(cfg) or {})
-    monkeypatch.setattr(jobs.grpo, "run_grpo", lambda cfg: ran.append(cfg) or {})
-    monkeypatch.setattr(jobs.sft, "stop_on_signals", lambda: None, raising=False)
-    return ran
-
-
-def _line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def sft(tmp_path, *overrides) -> int:

@@ -16,31 +16,12 @@ import jobs.grpo
 import jobs.sft
 from jobs import preflight
 from jobs.config import load
+from sft_cli import stderr_line as _line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_SFT = os.path.join(ROOT, "jobs", "configs", "tiny-sft.yaml")
 TINY_GRPO = os.path.join(ROOT, "jobs", "configs", "tiny-grpo.yaml")
 SFT_ARGS = ["max_steps=1", "trainer.num_workers=1", "eval_accuracy.enabled=false"]
-
-
-@pytest.fixture
-def no_run(monkeypatch):
-    """The jobs' work, replaced: a test that reaches it records the config (or fails, see `line`)."""
-    ran = []
-    monkeypatch.setattr(jobs.sft, "run_sft", lambda cfg, task="sft": ran.append(cfg) or {})
-    monkeypatch.setattr(jobs.grpo, "run_grpo", lambda cfg: ran.append(cfg) or {})
-    import cluster.ray_session  # a passing main would install its SIGINT/SIGTERM handlers in pytest
-
-    monkeypatch.setattr(cluster.ray_session, "stop_on_signals", lambda: None, raising=False)
-    monkeypatch.setattr(jobs.sft, "stop_on_signals", lambda: None, raising=False)
-    return ran
-
-
-def _line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def sft(tmp_path, *overrides) -> int:
