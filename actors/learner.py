@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from actors import grpo_math as gm
-from actors.learner_batch import (batch_size, collate, make_batch, micro_batches, pack_micro_batch, select,
-                                  shard)
+from actors.learner_batch import (batch_size, collate, loss_tokens, make_batch, micro_batches, pack_micro_batch,
+                                  select, shard)
 from kernels.config_fields import check_ranges
 from kernels.logprobs import chunked_logprobs, packed_logprobs, sequence_logprobs
 from kernels.model import ModelConfig
@@ -76,12 +76,17 @@ class GRPOConfig:
       average), at most max_oversample.
     max_refill_rounds: extra serial rounds of prompts when a step still has fewer groups with a
       signal than prompts_per_step (a fallback; each costs a generate call).
-    async_mode: off | one_step (rollout of step k+1 overlaps the update of step k).
+    async_mode: off | one_step | bounded. one_step: the rollout of step k+1 overlaps the update of
+      step k (samples one weight version old); bounded: rollouts run up to max_weights_lag steps
+      ahead of the learner (samples at most that many versions old). Both log weights_lag and the
+      train-inference mismatch every step; is_correction auto corrects them.
+    max_weights_lag: the staleness bound of async_mode bounded (versions; >= 1).
     mask_truncated_completions: completions cut at rollout.max_tokens (finish reason "length") add
       nothing to the loss, its normalisers or the metrics (DAPO's overlong filtering).
     is_correction: off-policy correction against the rollout engine's logprobs (grpo_math.is_weights):
       off | token_truncate | token_mask | sequence_truncate | sequence_mask; auto (the job's
-      default) = token_truncate with vLLM rollouts, off with the hf engine (the learner's own maths).
+      default) = token_truncate with vLLM rollouts or an async mode, off with the hf engine in sync
+      mode (the learner's own maths, the samples' own policy).
     is_cap: the cap C of the importance ratio pi_old / pi_rollout (truncate: min(r, C); mask: r > C
       drops the token or sequence).
     cuda_graphs: on a GPU, each micro-batch's forward + backward is one replayed CUDA graph (the
@@ -117,7 +122,8 @@ class GRPOConfig:
     adaptive_oversample: bool = True
     max_oversample: float = field(default=4.0, metadata={"min": 1})
     max_refill_rounds: int = field(default=1, metadata={"min": 0})
-    async_mode: Literal["off", "one_step"] = "off"
+    async_mode: Literal["off", "one_step", "bounded"] = "off"
+    max_weights_lag: int = field(default=2, metadata={"min": 1})
     mask_truncated_completions: bool = False
     is_correction: Literal["auto", "off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "auto"
     is_cap: float = field(default=2.0, metadata={"gt": 1})
@@ -137,6 +143,11 @@ class GRPOConfig:
         if self.num_minibatches > self.prompts_per_step:
             raise ValueError(f"grpo.num_minibatches ({self.num_minibatches}) cannot exceed "
                              f"grpo.prompts_per_step ({self.prompts_per_step})")
+
+    @property
+    def weights_lag_bound(self) -> int:
+        """How many steps ahead rollouts are launched: 0 (sync), 1 (one_step) or max_weights_lag."""
+        return {"off": 0, "one_step": 1}.get(self.async_mode, self.max_weights_lag)
 
     @property
     def needs_ref(self) -> bool:
@@ -280,9 +291,9 @@ class Learner:
             with ctx as model, self._amp():
                 for idx, t in self._micro_batches(batch):
                     lp, _ = packed_logprobs(model, t, self.temperature, self.cfg.logprob_chunk_size, entropy=False)
-                    lp, lens = lp.cpu(), t["mask"].sum(-1).long().tolist()
-                    for r, i in enumerate(idx):
-                        out[i] = lp[r, :lens[r]].tolist()
+                    lp = lp.cpu()
+                    for r, i in enumerate(idx):  # every completion position (observations too)
+                        out[i] = lp[r, :len(batch["completion_ids"][i])].tolist()
         finally:
             self.model.train(was)
         return out  # type: ignore[return-value]
@@ -342,7 +353,7 @@ class Learner:
     def _optimizer_step(self, part: dict) -> dict[str, tuple[float, float]]:
         cfg = self.cfg
         n_local = batch_size(part)
-        counts = torch.tensor([float(sum(len(c) for c in part["completion_ids"])), float(n_local)],
+        counts = torch.tensor([float(loss_tokens(part)), float(n_local)],
                               dtype=torch.float64, device=self.device)
         self._all_reduce(counts)  # global normalisers: the split over ranks/micro-batches is invisible
         num_tokens, num_seqs = float(counts[0]), float(counts[1])
@@ -372,7 +383,7 @@ class Learner:
                                    is_weight=isw)
             m.update(is_m)
             loss.backward()
-            w = float(sum(len(c) for c in sub["completion_ids"]))  # = mask.sum(), counted on the host
+            w = float(loss_tokens(sub))  # = mask.sum(), counted on the host
             tok_w_total += w
             m["entropy"] = (ent * mask).sum() / max(w, 1.0)
             m["mismatch_kl"] = gm.kl_k3(t["rollout_logprobs"], lp.detach()).mul(mask).sum() / max(w, 1.0)

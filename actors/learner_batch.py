@@ -1,7 +1,10 @@
 """The learner's batches: python lists in (cheap through the object store), tensors out.
 
 A batch is a dict of per-sample lists: prompt_ids, completion_ids, rollout_logprobs, advantages
-(and old_logprobs / ref_logprobs once computed). Two tensor layouts:
+(and old_logprobs / ref_logprobs once computed), and - for multi-turn episodes only - loss_mask:
+per completion token 1 where the engine sampled it, 0 on observation (tool) tokens, which are in
+the sequence as context but never in the loss or its normalisers (`loss_mask_of`, `loss_tokens`).
+Without the key every completion token is trained. Two tensor layouts:
 
 - `collate`: one sequence per row, right padded [B, L] (the reference layout; tests use it);
 - `pack_micro_batch`: padding-free, the learner's layout. Sequences (prompt + completion) are laid
@@ -21,13 +24,39 @@ def make_batch(samples: list, advantages: list[float]) -> dict:
     """Samples (actors.rollout.Sample) + one advantage each -> the learner's batch dict."""
     if len(samples) != len(advantages):
         raise ValueError(f"make_batch: {len(samples)} samples but {len(advantages)} advantages")
-    return {
+    batch = {
         "prompt_ids": [list(s.prompt_token_ids) for s in samples],
         "completion_ids": [list(s.completion_token_ids) for s in samples],
         "rollout_logprobs": [list(s.logprobs) for s in samples],
         "advantages": [float(a) for a in advantages],
         "truncated": [s.finish_reason == "length" for s in samples],  # for grpo.mask_truncated_completions
     }
+    if any(getattr(s, "loss_mask", None) is not None for s in samples):  # multi-turn: observations masked
+        masks = []
+        for i, s in enumerate(samples):
+            m = getattr(s, "loss_mask", None)
+            m = [1] * len(s.completion_token_ids) if m is None else [int(bool(x)) for x in m]
+            if len(m) != len(s.completion_token_ids):
+                raise ValueError(f"make_batch: sample {i} has {len(m)} loss-mask entries for "
+                                 f"{len(s.completion_token_ids)} completion tokens")
+            masks.append(m)
+        batch["loss_mask"] = masks
+    return batch
+
+
+def loss_mask_of(batch: dict, i: int) -> list[int]:
+    """Sample i's per-completion-token loss mask (all ones for single-turn samples)."""
+    if "loss_mask" in batch:
+        return batch["loss_mask"][i]
+    return [1] * len(batch["completion_ids"][i])
+
+
+def loss_tokens(batch: dict, idx: list[int] | None = None) -> int:
+    """Completion tokens in the loss (sampled tokens; observations excluded) of samples `idx` (all)."""
+    idx = range(batch_size(batch)) if idx is None else idx
+    if "loss_mask" in batch:
+        return sum(sum(batch["loss_mask"][i]) for i in idx)
+    return sum(len(batch["completion_ids"][i]) for i in idx)
 
 
 def batch_size(batch: dict) -> int:
@@ -64,16 +93,19 @@ def micro_batches(batch: dict, max_sequences: int, max_tokens: int = 0) -> list[
 
 
 def _per_sequence(batch: dict) -> dict[str, torch.Tensor]:
-    """[S, C] completion mask and rollout logprobs, [S] advantages (C = longest completion)."""
+    """[S, C] loss mask, completion positions (valid) and rollout logprobs, [S] advantages
+    (C = longest completion). mask == valid except on multi-turn observation tokens (mask 0)."""
     C = [len(c) for c in batch["completion_ids"]]
     S, Cmax = len(C), max(max(C, default=0), 1)
     mask = torch.zeros(S, Cmax)
+    valid = torch.zeros(S, Cmax)
     rollout_lp = torch.zeros(S, Cmax)
     for s, c in enumerate(batch["completion_ids"]):
         if c:
-            mask[s, :len(c)] = 1.0
+            valid[s, :len(c)] = 1.0
+            mask[s, :len(c)] = torch.tensor(loss_mask_of(batch, s), dtype=torch.float32)
             rollout_lp[s, :len(c)] = torch.tensor(batch["rollout_logprobs"][s][:len(c)])
-    return {"mask": mask, "rollout_logprobs": rollout_lp,
+    return {"mask": mask, "valid": valid, "rollout_logprobs": rollout_lp,
             "advantages": torch.tensor(batch["advantages"], dtype=torch.float32)}
 
 
@@ -151,9 +183,9 @@ def pack_fixed(batch: dict, pad_id: int, rows: int, row_len: int, max_sequences:
     and tails are padding. Everything the loss reads is per position of the flattened [rows *
     row_len] layout, so no tensor's shape depends on the sequences:
       targets   the completion token position t predicts (0 where t predicts none)
-      mask      1.0 where t predicts a completion token
+      mask      1.0 where t predicts a completion token in the loss (loss_mask: not an observation)
       adv       the sequence's advantage at those positions
-      weight    the aggregation weight of the token: 1, or 1 / (completion length) for
+      weight    the aggregation weight of the token: 1, or 1 / (its sequence's loss tokens) for
                 seq-mean-token-mean (the normaliser itself is the caller's scale)
       rollout_logprobs, and old_logprobs / ref_logprobs when the batch has them.
     Returns [(sequence indices, tensors)], on the CPU.
@@ -201,9 +233,10 @@ def pack_fixed(batch: dict, pad_id: int, rows: int, row_len: int, max_sequences:
         if c:
             at = r * row_len + o + len(p) - 1 + torch.arange(len(c))  # positions predicting the completion
             mb["targets"][at] = torch.tensor(c, dtype=torch.long)
-            mb["mask"][at] = 1.0
+            lm = torch.tensor(loss_mask_of(batch, i), dtype=torch.float32)
+            mb["mask"][at] = lm
             mb["adv"][at] = float(batch["advantages"][i])
-            mb["weight"][at] = 1.0 / len(c) if loss_agg == "seq-mean-token-mean" else 1.0
+            mb["weight"][at] = 1.0 / max(float(lm.sum()), 1.0) if loss_agg == "seq-mean-token-mean" else 1.0
             mb["rollout_logprobs"][at] = torch.tensor(batch["rollout_logprobs"][i][:len(c)], dtype=torch.float32)
             for k in extra:
                 mb[k][at] = torch.tensor(batch[k][i][:len(c)], dtype=torch.float32)

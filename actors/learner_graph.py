@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from actors import grpo_math as gm
-from actors.learner_batch import fixed_row_length, pack_fixed
+from actors.learner_batch import fixed_row_length, loss_tokens, pack_fixed
 
 TOKEN_LEVEL_LOSSES = ("clip", "reinforce")
 
@@ -122,7 +122,7 @@ class FixedShapeLoss:
                     loss = self.loss_fn(**dev)
                 (loss * scale).backward()
                 loss = loss.detach()
-            w = float(sum(len(part["completion_ids"][i]) for i in idx))
+            w = float(loss_tokens(part, idx))
             tok_w += w
             for k, v in self.metrics.items():
                 acc[k] = acc.get(k, 0.0) + v.double() * w

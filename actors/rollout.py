@@ -97,6 +97,12 @@ class Sample:
     text: str
     finish_reason: str  # "stop" (a stop token id or a stop string) | "length" (max_tokens reached)
     weights_version: int = 0
+    # multi-turn episodes only (RolloutWorker.episodes): the completion is every turn after the
+    # prompt, observations included; loss_mask is 1 on the tokens the engine sampled, 0 on the
+    # observations; reward is the environment's; episode holds the trajectory's counts
+    loss_mask: list[int] | None = None
+    reward: float | None = None
+    episode: dict | None = None
 
 
 class HFEngine(HFGenerator):
@@ -188,6 +194,37 @@ class RolloutWorker:
         self.last_timing = {"wake_s": t1 - t0, "engine_s": time.perf_counter() - t1}
         return [[Sample(p, x.token_ids, x.logprobs, x.text, x.finish_reason, self.version) for x in row]
                 for p, row in zip(prompt_ids, rows)]
+
+    def episodes(self, rows: list[dict], env: dict, n: int | None = None, temperature: float | None = None,
+                 max_tokens: int | None = None, max_total_tokens: int = 0, seed: int = 0) -> list[list[Sample]]:
+        """n multi-turn episodes per row against environment `env` ({name, kwargs}; actors/multiturn.py),
+        token-exact: [[Sample] * n] * len(rows), each Sample one whole trajectory (see Sample)."""
+        from actors.multiturn import ChatTurns, EpisodeConfig, run_episodes
+
+        c = self.cfg
+        if getattr(self, "turns", None) is None:
+            self.turns = ChatTurns(self.tok)
+        ecfg = EpisodeConfig(n=c.n if n is None else n, max_tokens=c.max_tokens if max_tokens is None else max_tokens,
+                             max_total_tokens=max_total_tokens or None,
+                             temperature=c.temperature if temperature is None else temperature, top_p=c.top_p,
+                             seed=seed + 1_000_003 * self.index)
+        t0 = time.perf_counter()
+        self.engine.wake_up(None)
+        t1 = time.perf_counter()
+        trajs = run_episodes(self.engine, self.turns, env, rows, ecfg)
+        self.last_timing = {"wake_s": t1 - t0, "engine_s": time.perf_counter() - t1}
+        return [[self._episode_sample(t) for t in row] for row in trajs]
+
+    def _episode_sample(self, t) -> Sample:
+        model_turns = [m["content"] for m in t.messages if m.get("role") == "assistant"]
+        return Sample(t.prompt_token_ids, t.completion_token_ids, t.completion_logprobs,
+                      model_turns[-1] if model_turns else "",
+                      "length" if t.finish_reason == "max_total_tokens" else "stop", self.version,
+                      loss_mask=t.completion_loss_mask, reward=t.reward,
+                      episode={"turns": t.turns, "finish": t.finish_reason, "tool_calls": t.tool_calls,
+                               "tool_errors": t.tool_errors, "timeouts": t.timeouts, "malformed": t.malformed,
+                               "sampled_tokens": sum(t.loss_mask),
+                               "observation_tokens": sum(t.observation_tokens_per_turn)})
 
     # -- weight sync ---------------------------------------------------------------------
 

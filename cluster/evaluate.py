@@ -1,6 +1,6 @@
 """Exact-match evaluation on math word problems: greedy or self-consistency, with a 95% interval.
 
-    rows = load_rows("builtin")                    # or a .jsonl/.json/.parquet path
+    rows = load_rows("builtin")                    # or files, a URI, a dataset name (what data.path takes)
     res = evaluate(model, tokenizer, rows, EvalConfig(max_problems=200, max_new_tokens=32))
     res["accuracy"], res["ci95"], res["per_problem"][0]
 
@@ -40,7 +40,12 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 class EvalConfig:
     """How to evaluate.
 
-    data: "builtin" (the built-in task's held-out split) or a .jsonl / .json / .parquet file.
+    data: "builtin" (the built-in task's held-out split), or what data.path accepts (cluster/readers.py):
+      .jsonl/.json/.parquet/.txt files, folders, globs, URIs (s3://, gs://, hf://, file://), a
+      datasets.save_to_disk folder, or a dataset name for datasets.load_dataset (`org/name`; offline
+      from the Hugging Face cache).
+    split / subset: a dataset's split ("" = its first of validation/test/eval/valid, or its only one)
+      and subset (its config name; "" = its only one); for datasets only, not files or "builtin".
     format: auto | gsm8k | math (how to read question and gold answer from a row).
     backend: hf (transformers generate) | vllm (GPU; needs a model folder).
     k: samples per problem; 1 = one completion (greedy at temperature 0), > 1 = majority vote.
@@ -58,6 +63,8 @@ class EvalConfig:
     """
 
     data: str = "builtin"
+    split: str = ""
+    subset: str = ""
     format: Literal["auto", "gsm8k", "math"] = "auto"
     backend: Literal["hf", "vllm"] = "hf"
     k: int = 1
@@ -74,7 +81,12 @@ class EvalConfig:
 
     def __post_init__(self):
         if not self.data:
-            raise ValueError("eval.data: empty; expected 'builtin' or a .jsonl/.json/.parquet file")
+            raise ValueError("eval.data: empty; expected 'builtin', data files, a URI or a dataset name")
+        if not isinstance(self.split, str):
+            raise ValueError(f"eval.split: expected a split name of the dataset (e.g. test) or '', got {self.split!r}")
+        if not isinstance(self.subset, str):
+            raise ValueError(f"eval.subset: expected a subset (config) name of the dataset or '', got {self.subset!r}")
+        _check_builtin(self.data, self.subset, self.split)
         if self.format not in FORMATS:
             raise ValueError(f"eval.format: {self.format!r} is not accepted; expected one of {', '.join(FORMATS)}")
         if self.backend not in BACKENDS:
@@ -108,19 +120,44 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------- data
 
-def load_rows(data: str, seed: int = 0) -> list[dict]:
-    """Rows from "builtin" (held-out split of the built-in task) or a jsonl / json / parquet file."""
+def _check_builtin(data: str, subset: str, split: str) -> None:
+    if data == "builtin" and (subset or split):
+        key, value = ("eval.subset", subset) if subset else ("eval.split", split)
+        raise ValueError(f"{key}: {value!r} is for dataset names, dataset folders and saved datasets; "
+                         f"eval.data is 'builtin' (the built-in held-out split)")
+
+
+def check_subset(data: str, subset: str = "", split: str = "", field: str = "eval.data") -> None:
+    """A subset without a split is for dataset names and dataset repo folders: the readers read other
+    folders and files as files then, and a saved dataset has no subsets. Given where no such dataset
+    takes it, it is an error naming the setting (as data.subset given for files only is)."""
+    if not subset or split or data == "builtin":
+        return
+    from cluster.readers import resolve_sources
+
+    if not any(s.kind == "dataset" for s in resolve_sources(data, field, subset=subset, split=split)):
+        section = field.rsplit(".", 1)[0] if "." in field else field
+        raise ValueError(f"{section}.subset: {subset!r} is for dataset names and dataset repo folders; "
+                         f"{field} {data!r} names none (files, folders of files or a saved dataset)")
+
+
+def load_rows(data: str, seed: int = 0, subset: str = "", split: str = "") -> list[dict]:
+    """Rows from "builtin" (held-out split of the built-in task) or what data.path accepts, read by the
+    one set of readers (cluster.readers: files of every format SFT reads, .gz, folders, globs, URIs,
+    saved datasets, dataset names). A dataset gives `split` ("" = its first eval split: validation,
+    test, eval or valid; or its only split) of `subset`. Errors name eval.data / eval.split /
+    eval.subset; a bad row fails naming file:row."""
+    _check_builtin(data, subset, split)
     if data == "builtin":
         from cluster.builtin_task import generate
 
         _, held = generate(n_train=0, n_eval=200, seed=seed)
         return held
-    if not os.path.exists(data):
-        raise FileNotFoundError(f"eval.data: {data!r} does not exist (expected 'builtin' or a data file)")
     from cluster.readers import read_rows
 
-    # the one set of file readers (cluster/readers.py): jsonl/json/parquet/txt, .gz, folders
-    return read_rows(data, field="eval.data", on_bad_row="fail", setting="eval.data")
+    check_subset(data, subset, split)
+    return read_rows(data, field="eval.data", part=1, on_bad_row="fail", setting="eval.data", subset=subset,
+                     split=split)
 
 
 def detect_format(row: dict) -> str:
@@ -296,7 +333,7 @@ def evaluate(model_or_path, tokenizer, rows: list[dict] | None, cfg: EvalConfig 
     per_problem: [{question, gold, predictions, answers, voted, votes, correct}]}.
     """
     if rows is None:
-        rows = load_rows(cfg.data)
+        rows = load_rows(cfg.data, subset=cfg.subset, split=cfg.split)
     if cfg.max_problems:
         rows = rows[: cfg.max_problems]
     if not rows:

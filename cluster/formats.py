@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 FORMATS = ("alpaca", "sharegpt", "messages", "gsm8k", "prompt_completion", "text")
 # columns whose value in one record may be a list (of messages): a .json file holding a single object with
-# one of these keys is one record, not a wrapper of a list of records (cluster/readers.py, records_of)
+# one of these keys is one record, not a wrapper of a list of records (cluster/readers_formats.py, records_of)
 LIST_COLUMNS = ("messages", "conversations", "prompt", "completion")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

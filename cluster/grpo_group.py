@@ -98,6 +98,17 @@ class RolloutGroup:
                 pending.append((w.generate.remote(part, seed=seed, **sampling), len(part)))
         return pending
 
+    def episodes_async(self, rows: list[dict], env: dict, seed: int = 0, **options) -> list[tuple[object, int]]:
+        """Start multi-turn episodes (RolloutWorker.episodes), rows split as in generate_async."""
+        k = len(self.workers)
+        size = -(-len(rows) // k) if rows else 0
+        pending = []
+        for i, w in enumerate(self.workers):
+            part = rows[i * size:(i + 1) * size]
+            if part:
+                pending.append((w.episodes.remote(part, env, seed=seed, **options), len(part)))
+        return pending
+
     @staticmethod
     def collect(pending: list[tuple[object, int]]) -> list[list[Sample]]:
         out: list[list[Sample]] = []

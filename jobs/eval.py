@@ -10,9 +10,12 @@ Launch:
   posttrain eval runs/tiny-sft                                            # built-in held-out split, greedy
   posttrain eval runs/tiny-sft jobs/configs/tiny-eval.yaml k=8 temperature=0.7
   posttrain eval runs/sft/merged data=/data/gsm8k_test.jsonl backend=vllm --out results/
+  posttrain eval runs/sft/merged data=openai/gsm8k subset=main split=test    # a dataset name (offline: HF cache)
   python -m jobs.eval runs/tiny-sft max_problems=50
-Overrides are keys of cluster.evaluate.EvalConfig (data, format, backend, k, temperature, top_p,
-max_new_tokens, max_problems, system_prompt, stop, batch_size, ci, bootstrap_samples, seed).
+Overrides are keys of cluster.evaluate.EvalConfig (data, split, subset, format, backend, k, temperature,
+top_p, max_new_tokens, max_problems, system_prompt, stop, batch_size, ci, bootstrap_samples, seed).
+data takes what data.path takes (files, folders, globs, URIs, a saved dataset, a dataset name);
+split / subset pick a dataset's split (default: its first of validation/test/eval/valid) and subset.
 """
 from __future__ import annotations
 

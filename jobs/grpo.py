@@ -42,9 +42,10 @@ Dr. GRPO: Liu et al. 2025), all deliberate:
     DAPO's overlong reward shaping is a reward function (rewards.length:overlong_penalty), not built in.
   - GSPO is implemented in its GSPO-token form (same value and gradient as the sequence objective
     for outcome rewards); use it with loss_agg seq-mean-token-mean and small eps (3e-4, 4e-4).
-  - One-step asynchronous mode trains on rollouts made by the weights of one step before; the
-    importance ratio corrects for it only with old_logprobs=rollout (the learner otherwise treats
-    the batch as on-policy, as most one-step-off implementations do).
+  - Asynchronous modes (grpo.async_mode one_step | bounded) train on rollouts made by weights up to
+    1 | grpo.max_weights_lag versions old. is_correction auto then weights each token by the
+    truncated importance ratio pi_old / pi_rollout against the engine's logprobs (the behaviour
+    policy); the PPO ratio itself stays against pi_old, as in decoupled PPO.
 """
 from __future__ import annotations
 
@@ -118,12 +119,14 @@ def prepare_start_model(cfg: GRPOJobConfig, files: RunFiles) -> GRPOJobConfig:
 
 def resolved_grpo(cfg: GRPOJobConfig):
     """The learner's config with grpo.is_correction "auto" decided: token_truncate against vLLM's
-    logprobs (another engine: its kernels and bf16 rounding differ from the learner's), off for
-    the hf engine (the learner's own model code)."""
+    logprobs (another engine: its kernels and bf16 rounding differ from the learner's) or in an
+    async mode (samples of older weights: the ratio to them is the off-policy correction); off for
+    the hf engine in sync mode (the learner's own model code, the current weights)."""
     g = cfg.grpo
     if g.is_correction != "auto":
         return g
-    return replace(g, is_correction="token_truncate" if cfg.rollout.backend == "vllm" else "off")
+    off_policy = cfg.rollout.backend == "vllm" or g.async_mode != "off"
+    return replace(g, is_correction="token_truncate" if off_policy else "off")
 
 
 def tokenizer_dir(cfg: GRPOJobConfig) -> str:
@@ -167,7 +170,9 @@ def read_prompts(cfg: PromptDataConfig) -> list[dict]:
 
     # rows are few and small: converting them in the driver is faster than scheduling map tasks
     out = [to_prompt(dict(r)) for r in rows]
-    out = [{"prompt": json.loads(r["prompt"]), "text": r["text"], "columns": json.loads(r["columns"])} for r in out]
+    out = [{"prompt": json.loads(r["prompt"]), "text": r["text"], "columns": json.loads(r["columns"]),
+            "row": json.loads(json.dumps(dict(raw), default=str))}  # as it was: multi-turn reset() reads it
+           for r, raw in zip(out, rows)]
     if not out:
         raise ConfigError(f"data.path: {cfg.path!r} holds no prompts")
     return out
@@ -178,11 +183,12 @@ def held_out_accuracy(cfg: GRPOJobConfig, model_dir: str, tok_dir: str) -> dict:
     from kernels.tokenizer import load_tokenizer
 
     e = cfg.eval
-    ecfg = EvalConfig(data=e.data, backend=e.backend, max_new_tokens=e.max_new_tokens,
+    ecfg = EvalConfig(data=e.data, subset=e.subset, split=e.split, backend=e.backend,
+                      max_new_tokens=e.max_new_tokens,
                       max_problems=e.max_problems, system_prompt=cfg.data.system_prompt,
                       batch_size=e.batch_size, stop=list(cfg.rollout.stop))
     t0 = time.time()
-    res = evaluate(model_dir, load_tokenizer(tok_dir), load_rows(e.data), ecfg)
+    res = evaluate(model_dir, load_tokenizer(tok_dir), load_rows(e.data, subset=e.subset, split=e.split), ecfg)
     res["seconds"] = time.time() - t0
     return res
 
@@ -202,7 +208,10 @@ def score(pool, prompts: list[dict], groups: list[list]) -> tuple[list[float], o
 
 
 def accuracy_term(cfg: GRPOJobConfig) -> str | None:
-    """The reward term that means "correct" (math_answer), for the accuracy metric."""
+    """The reward term that means "correct" (math_answer; multi-turn: the environment's reward,
+    success = reward > 0), for the accuracy metric."""
+    if cfg.env.enabled:
+        return "env"
     for s in cfg.reward.specs():
         if s.name_or_path.endswith("math_answer"):
             return s.key
@@ -302,7 +311,7 @@ def step_record(step: int, groups: list[list], rewards: list[float], keep: list[
         "rollout_tokens_per_s": sum(lengths) / max(timing["rollout_s"], 1e-9),
         "update_tokens_per_s": train_tok / max(timing["update_s"], 1e-9) if samples else 0.0,
         "sync_engine_s": si.get("sync_engine_s", 0.0),
-        # weight versions between the oldest sample's generator and the policy it trains (async: 1)
+        # weight versions between the oldest sample's generator and the policy it trains (async: <= the bound)
         "weights_lag": v_before - min(s.weights_version for s in flat) if flat else 0,
     }
     if acc_key in per_fn:
@@ -413,8 +422,10 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     check_prompts_per_step(cfg, len(rows))
     print(f"[grpo] {len(rows)} prompts from {cfg.data.path}; model {start_model or cfg.model.preset}", flush=True)
 
-    # 4. held-out accuracy of the starting model (once per run, also across resumes)
-    if cfg.eval.enabled and "eval_accuracy_start" not in summary:
+    # 4. held-out accuracy of the starting model (once per run, also across resumes; multi-turn:
+    # held-out success, measured on the rollout engines once they are up)
+    episodes = cfg.env.enabled
+    if cfg.eval.enabled and not episodes and "eval_accuracy_start" not in summary:
         if not start_model:
             raise ConfigError("eval: the held-out evaluation needs a model folder (model.path or init.sft_config)")
         acc = held_out_accuracy(cfg, start_model, tok_dir)
@@ -434,12 +445,14 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
                             max_len_norm=cfg.rollout.max_tokens, seed=cfg.seed, pad_id=tok.pad_token_id or 0,
                             placement=placement, num_threads=threads, kernels=cfg.kernels)
     sync = WeightSync(learners, rollouts, cfg.rollout, lora)
-    pool = RewardPool(cfg.reward.specs(), num_actors=cfg.reward.num_actors, timeout_s=cfg.reward.timeout_s,
-                      failure_reward=cfg.reward.failure_reward, batch_size=cfg.reward.batch_size,
-                      num_cpus_per_actor=cfg.reward.num_cpus, max_failure_rate=cfg.reward.max_failure_rate)
+    pool = None if episodes else RewardPool(
+        cfg.reward.specs(), num_actors=cfg.reward.num_actors, timeout_s=cfg.reward.timeout_s,
+        failure_reward=cfg.reward.failure_reward, batch_size=cfg.reward.batch_size,
+        num_cpus_per_actor=cfg.reward.num_cpus, max_failure_rate=cfg.reward.max_failure_rate)
     print(f"[grpo] actors ready in {time.time() - t0:.1f}s: {cfg.rollout.num_workers} rollout "
-          f"({cfg.rollout.backend}), {cfg.grpo.num_learners} learner, {cfg.reward.num_actors} reward; "
-          f"weight sync {cfg.rollout.sync} via {sync.transport}", flush=True)
+          f"({cfg.rollout.backend}), {cfg.grpo.num_learners} learner, "
+          + (f"environment {cfg.env.name} (multi-turn)" if episodes else f"{cfg.reward.num_actors} reward")
+          + f"; weight sync {cfg.rollout.sync} via {sync.transport}", flush=True)
 
     # resume: from the newest intact checkpoint (a corrupt or torn one is named and passed over)
     stream = PromptStream(rows, cfg.seed)
@@ -461,6 +474,16 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         files.truncate_metrics_after(first_step)
         sync.push(version=first_step)
         print(f"[grpo] resumed from {last} (step {first_step})", flush=True)
+    if episodes and cfg.eval.enabled:
+        from jobs.grpo_env import eval_rows, held_out_success
+
+        held_rows = eval_rows(cfg)
+        if "eval_success_start" not in summary and first_step == 0:
+            ev = held_out_success(cfg, rollouts, held_rows)
+            files.write_summary({"eval_success_start": ev["success"], "eval_problems": ev["n"],
+                                 "eval_start_seconds": ev["seconds"]})
+            print(f"[grpo] held-out success at start ({cfg.env.name}, greedy episodes): {ev['success']:.3f} "
+                  f"({ev['correct']}/{ev['n']}, {ev['turns_mean']:.2f} turns, {ev['seconds']:.0f}s)", flush=True)
     files.start_tracking(cfg.report_to, config=cfg, start_step=first_step)  # live: each files.log_metrics
 
     # 6. the loop
@@ -468,15 +491,32 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     acc_key = accuracy_term(cfg)
     P, n = cfg.grpo.prompts_per_step, cfg.rollout.n
     dynamic = cfg.grpo.dynamic_sampling
-    async_on = cfg.grpo.async_mode == "one_step"
+    ahead = cfg.grpo.weights_lag_bound  # async: generations launched ahead of the learner (staleness bound)
     over = Oversampler(cfg.grpo, keep_fraction=resumed.get("keep_fraction"))
 
     def launch(step: int, groups: int, round_: int = 0):
-        """Prompts for `groups` trained groups, over-sampled (dynamic sampling), in one generate call."""
+        """Prompts for `groups` trained groups, over-sampled (dynamic sampling), in one generate call
+        (multi-turn: one episodes call)."""
         ps = stream.take(over.prompts(groups, len(rows)))
-        return ps, rollouts.generate_async([p["prompt"] for p in ps], seed=cfg.seed * 7919 + step + 100_000 * round_)
+        seed = cfg.seed * 7919 + step + 100_000 * round_
+        if episodes:
+            from jobs.grpo_env import env_rows
 
-    pending = None  # (prompts, in-flight generation) of the next step, async mode
+            return ps, rollouts.episodes_async(env_rows(ps), cfg.env.spec(), seed=seed,
+                                               max_total_tokens=cfg.env.max_total_tokens)
+        return ps, rollouts.generate_async([p["prompt"] for p in ps], seed=seed)
+
+    def score_groups(ps: list[dict], gs: list[list]):
+        if episodes:
+            from jobs.grpo_env import score_episodes
+
+            return score_episodes(gs)
+        return score(pool, ps, gs)
+
+    from collections import deque
+
+    pending: deque = deque()  # async: (prompts, in-flight generation) of the next `ahead` steps, in order
+    next_launch = first_step
     version = first_step  # the weights version the engines hold (bumped by every push)
     for step in range(first_step, max(first_step, cfg.max_steps)):
         t_step = time.perf_counter()
@@ -484,17 +524,24 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         v_before = version
         factor = over.factor(P)
 
-        # rollouts (async: collected from the previous step's launch, then the next one launched)
+        # rollouts (async: collected from an earlier step's launch; then launches are topped up to
+        # `ahead` steps: queued on the engines before this step's weight push, so their samples are
+        # at most `ahead` versions old)
         t = time.perf_counter()
-        prompts, refs = pending if pending is not None else launch(step, P)
+        if not pending:
+            pending.append(launch(step, P))
+            next_launch = step + 1
+        prompts, refs = pending.popleft()
         groups = rollouts.collect(refs)
-        split = {} if async_on else rollouts.timing()  # inside the rollout phase: wake, generation
-        pending = launch(step + 1, P) if async_on and step + 1 < cfg.max_steps else None
+        split = {} if ahead else rollouts.timing()  # inside the rollout phase: wake, generation
+        while len(pending) < ahead and next_launch < cfg.max_steps:
+            pending.append(launch(next_launch, P))
+            next_launch += 1
         timing["rollout_s"] = time.perf_counter() - t
 
         # rewards
         t = time.perf_counter()
-        rewards, res = score(pool, prompts, groups)
+        rewards, res = score_groups(prompts, groups)
         timing["reward_s"] = time.perf_counter() - t
 
         # advantages; dynamic sampling trains on P groups that carry a signal (over-sampled above;
@@ -513,7 +560,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
             extra = rollouts.collect(refs)
             timing["rollout_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            r2, res2 = score(pool, more, extra)
+            r2, res2 = score_groups(more, extra)
             timing["reward_s"] += time.perf_counter() - t
             all_rewards += r2
             all_groups += extra
@@ -548,6 +595,10 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         record["groups/oversample"] = factor
         if cfg.grpo.mask_truncated_completions:  # samples the learner left out of the loss
             record["samples/masked_truncated"] = sum(s.finish_reason == "length" for s in samples)
+        if episodes:  # turns, tool calls and tool-error rates of every episode of the step
+            from jobs.grpo_env import episode_record
+
+            record.update(episode_record([s for g in all_groups for s in g]))
         # where the phases' time goes (parts of time/rollout_s and time/update_s, not added to the step)
         record.update({f"time/split/{k}": v for k, v in split.items()})
         if "learner_update_s" in lm:
@@ -560,8 +611,8 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(files, learners, step + 1, stream, cfg.keep_checkpoints, over.keep_fraction)
 
-    if pending is not None:  # async: a generation nobody will train on
-        rollouts.collect(pending[1])
+    for _, refs in pending:  # async: generations nobody will train on
+        rollouts.collect(refs)
 
     # 7. final model and held-out accuracy
     save_checkpoint(files, learners, cfg.max_steps, stream, cfg.keep_checkpoints, over.keep_fraction)
@@ -573,7 +624,11 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     RunManifest.for_run(cfg.output_dir, "grpo", cfg.model, seed=cfg.seed, vocab_size=None,
                         train_device="cuda" if cfg.grpo.num_gpus > 0 else "cpu",
                         tokenizer_dir=tok_dir).write(cfg.output_dir)
-    pool.shutdown()
+    end_success = None
+    if episodes and cfg.eval.enabled:  # the engines hold the final weights (pushed after the last update)
+        end_success = held_out_success(cfg, rollouts, held_rows)
+    if pool is not None:
+        pool.shutdown()
     rollouts.shutdown()
     learners.shutdown()
     metrics = files.read_metrics()
@@ -581,7 +636,9 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
            "reward_first": metrics[0]["reward/mean"] if metrics else None,
            "reward_last": metrics[-1]["reward/mean"] if metrics else None,
            "grpo_seconds": time.time() - t_grpo}
-    if cfg.eval.enabled:
+    if end_success is not None:
+        out.update({"eval_success_end": end_success["success"], "eval_end_seconds": end_success["seconds"]})
+    elif cfg.eval.enabled:
         acc = held_out_accuracy(cfg, merged, tok_dir)
         out.update({"eval_accuracy_end": acc["accuracy"], "eval_end_seconds": acc["seconds"]})
     out["report"] = files.finish()  # trackers closed; report.png of metrics.jsonl
@@ -594,6 +651,9 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     if "eval_accuracy_end" in out and "eval_accuracy_start" in summary:
         done += (f", held-out exact match {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
                  f"({acc['correct']}/{acc['n']})")
+    if end_success is not None and "eval_success_start" in summary:
+        done += (f", held-out success {summary['eval_success_start']:.3f} -> {summary['eval_success_end']:.3f} "
+                 f"({end_success['correct']}/{end_success['n']})")
     print(f"{done} in {summary['wall_seconds']:.0f}s; summary: {files.summary_path}", flush=True)
     return summary
 

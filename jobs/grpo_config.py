@@ -1,6 +1,7 @@
 """The GRPO job's configuration: one frozen dataclass per YAML section (jobs/grpo.py runs it).
 
-Sections: data (prompts), reward, eval (held-out exact match), init (the SFT warm-up), and the
+Sections: data (prompts), reward, eval (held-out exact match), init (the SFT warm-up), env
+(multi-turn episodes), and the
 whole job (GRPOJobConfig: model, rollout, grpo, kernels and the sections above). Ranges are field
 metadata (kernels/config_fields.py); the rest is checked in __post_init__ with messages that name
 the field.
@@ -93,11 +94,18 @@ class RewardConfig:
 class HeldOutEvalConfig:
     """Held-out exact-match accuracy at start and end (greedy; cluster/evaluate.py).
 
-    data: "builtin" (the built-in task's held-out split, disjoint from the train prompts) or a file.
+    data: "builtin" (the built-in task's held-out split, disjoint from the train prompts), or what
+      data.path accepts (cluster/readers.py): .jsonl/.json/.parquet/.txt files, folders, globs, URIs
+      (s3://, gs://, hf://, file://), a datasets.save_to_disk folder, or a dataset name for
+      datasets.load_dataset (`org/name`; offline from the Hugging Face cache).
+    split / subset: a dataset's split ("" = its first of validation/test/eval/valid, or its only one)
+      and subset (its config name; "" = its only one); for datasets only, not files or "builtin".
     """
 
     enabled: bool = True
     data: str = "builtin"
+    split: str = ""
+    subset: str = ""
     max_problems: int = field(default=200, metadata={"min": 0, "note": "0 = all"})
     max_new_tokens: int = field(default=32, metadata={"min": 1})
     batch_size: int = field(default=64, metadata={"min": 1})
@@ -105,6 +113,16 @@ class HeldOutEvalConfig:
 
     def __post_init__(self):
         check_ranges(self, "eval")
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise ValueError("eval.data: empty; expected 'builtin', data files, a URI or a dataset name")
+        if not isinstance(self.split, str):
+            raise ValueError(f"eval.split: expected a split name of the dataset (e.g. test) or '', got {self.split!r}")
+        if not isinstance(self.subset, str):
+            raise ValueError(f"eval.subset: expected a subset (config) name of the dataset or '', got {self.subset!r}")
+        if self.data == "builtin" and (self.subset or self.split):
+            key, value = ("eval.subset", self.subset) if self.subset else ("eval.split", self.split)
+            raise ValueError(f"{key}: {value!r} is for dataset names, dataset folders and saved datasets; "
+                             f"eval.data is 'builtin' (the built-in held-out split)")
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,56 @@ class InitConfig:
 
 
 @dataclass(frozen=True)
+class EnvConfig:
+    """Multi-turn episodes instead of single completions (docs/agentic.md).
+
+    name: "" (single-turn: each sample is one completion scored by reward.functions), or an
+      environment: a registered name (calculator, code) or 'module:Class'. Each sample is then a
+      whole episode (the model's turns and the tool observations, token-exact); its reward is the
+      environment's final reward (reward.functions are not called) and the observation tokens
+      are masked out of the loss.
+    kwargs: the environment's keyword arguments (e.g. max_turns: 4, timeout_s: 5, sandbox: isolated).
+    max_total_tokens: cap on an episode's tokens, prompt included (0 = none beyond
+      rollout.max_tokens per turn); an episode that reaches it ends with reward 0.
+    """
+
+    name: str = ""
+    kwargs: dict = field(default_factory=dict)
+    max_total_tokens: int = field(default=0, metadata={"min": 0, "note": "0 = no cap"})
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.name)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    def __post_init__(self):
+        import inspect
+
+        from actors.environments import resolve_env
+
+        check_ranges(self, "env")
+        if not isinstance(self.name, str):
+            raise ValueError(f"env.name: expected an environment name or 'module:Class', got {self.name!r}")
+        if not isinstance(self.kwargs, dict):
+            raise ValueError(f"env.kwargs: expected a mapping of keyword arguments, got {self.kwargs!r}")
+        if self.max_total_tokens == 1:
+            raise ValueError("env.max_total_tokens: 1 leaves no room to generate; use 0 (no cap) or more")
+        if not self.name:
+            if self.kwargs:
+                raise ValueError("env.kwargs: set env.name too (kwargs are the environment's)")
+            return
+        try:
+            cls = resolve_env(self.name)
+            inspect.signature(cls).bind(**self.kwargs)
+        except TypeError as e:
+            raise ValueError(f"env.kwargs: {sorted(self.kwargs)} do not fit environment {self.name!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - re-raised with the key
+            raise ValueError(f"env.name: {e}") from None
+
+
+@dataclass(frozen=True)
 class GRPOJobConfig:
     """The whole GRPO job.
 
@@ -142,6 +210,7 @@ class GRPOJobConfig:
     kernels: the learner's kernels, as in SFT (kernels.patch.KernelsConfig: enabled, mode).
     report_to: live trackers of each step's metrics and of the config, any of tensorboard, mlflow,
       wandb (cluster/tracking.py; default none).
+    env: multi-turn episodes against an environment (EnvConfig; default off: single-turn).
     """
 
     output_dir: str = "runs/grpo"
@@ -161,6 +230,7 @@ class GRPOJobConfig:
     eval: HeldOutEvalConfig = field(default_factory=HeldOutEvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    env: EnvConfig = field(default_factory=EnvConfig)
 
     def __post_init__(self):
         check_ranges(self, "")
@@ -178,5 +248,11 @@ class GRPOJobConfig:
                              f"rollout.n >= 2 (got {self.rollout.n}); set grpo.dynamic_sampling=false")
         if self.rollout.sync == "adapter" and self.model.finetune == "full":
             raise ValueError("rollout.sync: adapter needs model.finetune lora (full fine-tuning has no adapter)")
+        r = self.rollout
+        if self.grpo.async_mode != "off" and r.backend == "vllm" and r.placement == "colocated" and r.sleep_level > 0:
+            raise ValueError(f"grpo.async_mode {self.grpo.async_mode!r}: rollouts cannot overlap the update while "
+                             f"colocated vLLM gives its GPU memory to the learner (rollout.sleep_level "
+                             f"{r.sleep_level}); use rollout.placement=separate, or rollout.sleep_level=0 with "
+                             f"room for both on the GPU")
         if self.rollout.backend == "vllm" and self.rollout.num_gpus == 0:
             raise ValueError("rollout.backend vllm: set rollout.num_gpus (e.g. 0.5 colocated, 1 separate)")

@@ -133,6 +133,18 @@ def check_data(field: str, path: str, subset: str = "", split: str = "", part: i
                                      else f"{field}: {s.path!r}: {line}") from None
 
 
+def check_eval_data(field: str, data: str, subset: str = "", split: str = "") -> None:
+    """An evaluation's data as cluster.evaluate.load_rows reads it: check_data with a dataset's eval
+    split (split ""), and a subset only where a dataset name or repo folder takes it."""
+    from cluster.evaluate import check_subset
+
+    check_data(field, data, subset, split, part=1)
+    try:
+        check_subset(data, subset, split, field)
+    except (OSError, ValueError) as e:  # the message starts with the setting
+        raise PreflightError(_first_line(e, 400)) from None
+
+
 # ---------------------------------------------------------------------------------------- rewards
 
 def check_rewards(functions, field: str = "reward.functions") -> None:
@@ -308,8 +320,11 @@ def check_grpo(cfg) -> None:
     if cfg.data.path != "builtin":
         check_data("data.path", cfg.data.path, cfg.data.subset, cfg.data.split)
     if cfg.eval.enabled and cfg.eval.data != "builtin":
-        check_data("eval.data", cfg.eval.data)
-    check_rewards(cfg.reward.functions)
+        check_eval_data("eval.data", cfg.eval.data, cfg.eval.subset, cfg.eval.split)
+    if cfg.env.enabled:  # the reward is the environment's; reward.functions are not called
+        check_env(cfg.env)
+    else:
+        check_rewards(cfg.reward.functions)
     m, lora = cfg.model, cfg.model.finetune != "full"
     if m.path:  # jobs.grpo.tokenizer_dir: model.tokenizer, else the model folder's
         tok = m.tokenizer or m.path
@@ -327,6 +342,17 @@ def check_grpo(cfg) -> None:
             _fail("model.path", "", "expected a model folder: the held-out evaluation (eval.enabled) needs one "
                                     "(or set init.sft_config)")
         check_model(m, m.tokenizer, lora=lora)
+
+
+def check_env(env) -> None:
+    """One instance of the environment is made (its constructor checks e.g. the tool sandbox), so
+    a missing sandbox or a bad argument stops the job here, not in a rollout actor."""
+    from actors.environments import make_env
+
+    try:
+        make_env(env.spec())
+    except Exception as e:  # noqa: BLE001 - the environment's own message, with the key
+        _fail("env.name", env.name, f"the environment cannot be made: {_first_line(e)}")
 
 
 def _check_grpo_init(cfg, lora: bool) -> None:
@@ -366,7 +392,7 @@ def check_eval(cfg, target: str, out: str = "", base: str | None = None) -> None
     if base:
         model_config("--base", base)
     if cfg.data != "builtin":
-        check_data("data", cfg.data)
+        check_eval_data("data", cfg.data, cfg.subset, cfg.split)
     out = out or target
     if out.endswith(".json"):
         if os.path.isdir(out):

@@ -111,7 +111,8 @@ def packed_logprobs(model, packed: dict[str, torch.Tensor], temperature: float =
 
     packed: input_ids / position_ids [R, L] (positions restart per sequence, so there is no
     attention across sequences), index [N] (flat positions in R*L predicting each completion
-    token, sequence-major), targets [N], mask [S, C].
+    token, sequence-major), targets [N], and valid [S, C] (1 at each completion token; falls back
+    to mask [S, C] when absent): every completion token gets its logprob, loss-masked ones too.
     """
     from kernels.model import base_model
 
@@ -120,7 +121,7 @@ def packed_logprobs(model, packed: dict[str, torch.Tensor], temperature: float =
                      use_cache=False).last_hidden_state                           # [R, L, H]
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed["index"])  # [R*L, H] -> [N, H]
     lp, ent = token_logprobs(model, h, packed["targets"], temperature, chunk_size, entropy)
-    sel = packed["mask"].bool()
+    sel = packed.get("valid", packed["mask"]).bool()
     return _scatter(lp, sel), _scatter(ent, sel)
 
 

@@ -243,3 +243,107 @@ def test_shipped_eval_config_loads():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = load(EvalConfig, os.path.join(root, "jobs", "configs", "tiny-eval.yaml"), ["k=4"])
     assert cfg.k == 4 and cfg.sampling_temperature == 0.7 and cfg.max_problems == 200
+
+
+# ----------------------------------------------------------------------------- eval.data as data.path: datasets
+
+def _gsm(tag: str, n: int) -> list[dict]:
+    return [{"question": f"{tag} {i}", "answer": f"#### {i}"} for i in range(n)]
+
+
+def _questions(rows: list[dict]) -> list[str]:
+    return [r["question"] for r in rows]
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache and datasets cache of this test, offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    return str(tmp_path / "hub")
+
+
+def test_eval_split_picks_a_split_of_a_parquet_folder(tmp_path, offline):
+    """eval.split: a folder of train/test parquet files read as a dataset (datasets.load_dataset), its split
+    chosen; evaluate(rows=None) reads cfg.data with cfg.split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "gsm"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(_gsm("train", 3)), str(folder / "train.parquet"))
+    pq.write_table(pa.Table.from_pylist(_gsm("test", 2)), str(folder / "test.parquet"))
+    assert _questions(load_rows(str(folder), split="test")) == ["test 0", "test 1"]
+    sampler = FixedSampler({"test 0": ["#### 0"], "test 1": ["#### 5"]})
+    res = evaluate(sampler, None, None, EvalConfig(data=str(folder), split="test"))
+    assert res["n"] == 2 and res["correct"] == 1 and res["config"]["split"] == "test"
+    with pytest.raises(ValueError, match=r"^eval\.split: 'dev' is not a split of "):
+        load_rows(str(folder), split="dev")
+
+
+def test_eval_data_saved_dataset_defaults_to_its_eval_split(tmp_path, offline):
+    import datasets
+
+    saved = str(tmp_path / "saved")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_gsm("tr", 3)),
+                          "test": datasets.Dataset.from_list(_gsm("te", 2))}).save_to_disk(saved)
+    assert _questions(load_rows(saved)) == ["te 0", "te 1"]  # held-out: its eval split, not train
+    assert _questions(load_rows(saved, split="train")) == ["tr 0", "tr 1", "tr 2"]
+
+
+def test_eval_data_dataset_repo_and_name_with_subset_and_split(tmp_path, offline):
+    """A dataset repo folder and the same repo as a name in the (offline) hub cache, as tests/jobs/test_hub_names.py
+    builds it; a name not there is one line naming eval.data."""
+    from hub_cache import cache_repo, write_dataset_repo
+
+    repo = write_dataset_repo(tmp_path / "arith", lambda subset, split: _gsm(f"{subset}-{split}", 2))
+    assert _questions(load_rows(repo, subset="hard")) == ["hard-test 0", "hard-test 1"]  # split "": its test split
+    assert _questions(load_rows(repo, subset="easy", split="train")) == ["easy-train 0", "easy-train 1"]
+    cache_repo(offline, "Org/Arith", repo, repo_type="dataset")
+    assert _questions(load_rows("Org/Arith", subset="easy", split="test")) == ["easy-test 0", "easy-test 1"]
+    with pytest.raises(ValueError, match=r"^eval\.subset: 'medium' is not a subset of 'Org/Arith'"):
+        load_rows("Org/Arith", subset="medium", split="test")
+    with pytest.raises(FileNotFoundError) as e:
+        load_rows("Org/Missing")
+    assert str(e.value).startswith("eval.data: 'Org/Missing' is not a local file or folder, nor a dataset in the "
+                                   "Hugging Face cache (offline: HF_HUB_OFFLINE=1; hub cache: ")
+
+
+def test_eval_split_or_subset_where_no_dataset_takes_it(tmp_path):
+    from jobs.grpo_config import HeldOutEvalConfig
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in GSM) + "\n")
+    with pytest.raises(ValueError, match=r"^eval\.split: 'test' is for dataset names, dataset folders and saved "
+                                         r"datasets; eval\.data '.*d\.jsonl' names files only$"):
+        load_rows(str(f), split="test")
+    with pytest.raises(ValueError, match=r"^eval\.subset: 'main' is for dataset names and dataset repo folders; "
+                                         r"eval\.data '.*d\.jsonl' names none"):
+        load_rows(str(f), subset="main")
+    assert load_rows(str(f), split="train") == GSM  # "train" of files: the files (as data.split)
+    with pytest.raises(ValueError, match=r"^eval\.split: 'test' is for .*eval\.data is 'builtin'"):
+        load_rows("builtin", split="test")
+    for make in (EvalConfig, HeldOutEvalConfig):
+        with pytest.raises(ValueError, match=r"^eval\.subset: 'main' is for .*eval\.data is 'builtin'"):
+            make(subset="main")
+        with pytest.raises(ValueError, match=r"^eval\.split: expected a split name"):
+            make(data="Org/Name", split=3)
+        cfg = make(data="Org/Name", subset="main", split="test")  # a name: checked when it is read
+        assert (cfg.subset, cfg.split) == ("main", "test")
+
+
+def test_preflight_checks_eval_data_as_load_rows_reads_it(tmp_path, offline):
+    from hub_cache import write_dataset_repo
+    from jobs import preflight
+
+    repo = write_dataset_repo(tmp_path / "arith", lambda subset, split: _gsm(f"{subset}-{split}", 2))
+    preflight.check_eval_data("eval.data", repo, "hard")  # passes: its test split
+    with pytest.raises(preflight.PreflightError, match=r"^eval\.split: 'dev' is not a split of "):
+        preflight.check_eval_data("eval.data", repo, "hard", "dev")
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(GSM[0]) + "\n")
+    with pytest.raises(preflight.PreflightError, match=r"^eval\.subset: 'main' is for dataset names"):
+        preflight.check_eval_data("eval.data", str(f), "main")
+    with pytest.raises(preflight.PreflightError, match=r"^eval\.data: 'Org/Missing' is not a local file or folder"):
+        preflight.check_eval_data("eval.data", "Org/Missing")

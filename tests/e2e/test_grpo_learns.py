@@ -9,6 +9,7 @@ shipped config. The rise is measured, not assumed: start and end accuracy are bo
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -103,17 +104,21 @@ def test_grpo_raises_held_out_accuracy(tmp_path):
     assert any(r["groups/total"] > cfg.grpo.prompts_per_step and r["groups/refill_rounds"] == 0 for r in rows)
 
 
+def _random_model(tmp_path, tok_dir) -> str:
+    from kernels.model import ModelConfig, build_model, save_merged
+    from kernels.tokenizer import load_tokenizer
+
+    return save_merged(build_model(ModelConfig(preset="tiny", dtype="float32"), vocab_size=512),
+                       str(tmp_path / "model"), tokenizer=load_tokenizer(tok_dir), dtype=torch.float32)
+
+
 @pytest.mark.e2e
 def test_grpo_async_checkpoint_and_resume(tmp_path, tiny_tokenizer_dir):
     """One-step-off async mode trains on samples one weight version old; a second run resumes."""
     from jobs.config import load
     from jobs.grpo import GRPOJobConfig, run_grpo
-    from kernels.model import ModelConfig, build_model, save_merged
-    from kernels.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    model_dir = save_merged(build_model(ModelConfig(preset="tiny", dtype="float32"), vocab_size=512),
-                            str(tmp_path / "model"), tokenizer=tok, dtype=torch.float32)
+    model_dir = _random_model(tmp_path, tiny_tokenizer_dir)
     out = tmp_path / "run"
     common = [f"output_dir={out}", f"model.path={model_dir}", "model.finetune=lora", "eval.enabled=false",
               "grpo.async_mode=one_step", "grpo.prompts_per_step=4", "rollout.n=4", "rollout.max_tokens=6",
@@ -124,9 +129,39 @@ def test_grpo_async_checkpoint_and_resume(tmp_path, tiny_tokenizer_dir):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["weights_lag"] == 0 and rows[1]["weights_lag"] == 1
+    assert "is_weight_mean" in rows[1]  # is_correction auto corrects async samples (token_truncate)
     step2 = out / "checkpoints" / "step_000002"  # the learner writes the SFT checkpoint format
     assert all(os.path.exists(step2 / f) for f in ("trainable.safetensors", "optimizer.pt", "trainer_state.json"))
     run_grpo(load(GRPOJobConfig, CONFIG, common + ["max_steps=3"]))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["optimizer_steps"] == 3  # the learner continued from the checkpoint's optimizer state
+
+
+@pytest.mark.e2e
+def test_grpo_multi_turn_episodes_and_bounded_async(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """env.name: every sample is a whole episode (a tool observation between two model turns), the
+    environment's reward trains it, episode metrics and held-out success are written; async_mode
+    bounded keeps samples at most max_weights_lag versions old."""
+    from jobs.config import load
+    from jobs.grpo import GRPOJobConfig, run_grpo
+
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Ray workers import scripted_envs
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    out = tmp_path / "run"
+    summary = run_grpo(load(GRPOJobConfig, CONFIG, [
+        f"output_dir={out}", f"model.path={_random_model(tmp_path, tiny_tokenizer_dir)}", "model.finetune=lora",
+        "max_steps=4", "checkpoint_every=0", "grpo.prompts_per_step=2", "rollout.n=4", "rollout.max_tokens=6",
+        "grpo.dynamic_sampling=false", "grpo.async_mode=bounded", "grpo.max_weights_lag=2",
+        "env.name=scripted_envs:Relay", "env.kwargs={max_turns: 2}", "eval.max_problems=6"]))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["weights_lag"] for r in rows] == [0, 1, 2, 2]  # launched up to two steps ahead
+    for r in rows:
+        assert r["env/episodes"] == 8 and r["env/turns/2"] == 8 and r["env/turns_mean"] == 2
+        assert r["env/tool_calls_per_episode"] == 1 and r["env/tool_error_rate"] == 0.0
+        assert r["env/observation_tokens_mean"] > 0 and r["env/finish/done"] == 1.0
+        assert 0.0 <= r["reward/env/mean"] <= 1.0 and r["accuracy"] == pytest.approx(r["reward/env/mean"])
+        assert math.isfinite(r["loss"]) and r["samples/trained"] == 8
+    assert summary["eval_problems"] == 6
+    assert 0.0 <= summary["eval_success_start"] <= 1.0 and 0.0 <= summary["eval_success_end"] <= 1.0

@@ -59,3 +59,28 @@ def test_importance_sampling_auto_follows_the_rollout_engine():
                                "grpo.is_correction=sequence_mask")).is_correction == "sequence_mask"
     with pytest.raises((ConfigError, ValueError), match="grpo.is_cap"):
         _load("grpo.is_cap=1.0")
+    # async samples come from older weights: corrected by default, also with the hf engine
+    assert resolved_grpo(_load("grpo.async_mode=one_step")).is_correction == "token_truncate"
+
+
+def test_async_modes_and_their_lag_bound():
+    assert _load().grpo.weights_lag_bound == 0
+    assert _load("grpo.async_mode=one_step").grpo.weights_lag_bound == 1
+    assert _load("grpo.async_mode=bounded", "grpo.max_weights_lag=3").grpo.weights_lag_bound == 3
+    with pytest.raises((ConfigError, ValueError), match="grpo.max_weights_lag"):
+        _load("grpo.max_weights_lag=0")
+    with pytest.raises((ConfigError, ValueError), match="rollout.placement=separate"):
+        _load("grpo.async_mode=bounded", "rollout.backend=vllm", "rollout.num_gpus=0.5", "grpo.num_gpus=0.5")
+    ok = _load("grpo.async_mode=bounded", "rollout.backend=vllm", "rollout.num_gpus=0.5", "grpo.num_gpus=0.5",
+               "rollout.sleep_level=0")
+    assert ok.grpo.async_mode == "bounded"
+
+
+def test_env_section():
+    cfg = _load("env.name=calculator", "env.kwargs={max_turns: 3}", "env.max_total_tokens=512")
+    assert cfg.env.enabled and cfg.env.spec() == {"name": "calculator", "kwargs": {"max_turns": 3}}
+    assert not _load().env.enabled
+    with pytest.raises((ConfigError, ValueError), match="env.name: unknown environment 'calc'"):
+        _load("env.name=calc")
+    with pytest.raises((ConfigError, ValueError), match="env.max_total_tokens"):
+        _load("env.name=calculator", "env.max_total_tokens=1")

@@ -75,6 +75,18 @@ def test_grpo_unknown_reward_name(tmp_path, no_run, capsys):
     assert "math_answer" in line and "'module:function'" in line
 
 
+def test_grpo_environment_that_cannot_be_made(tmp_path, no_run, capsys):
+    """The environment's own check (here its timeout; the tool sandbox likewise) before Ray starts."""
+    assert grpo(tmp_path, "env.name=calculator", "env.kwargs={timeout_s: 0, sandbox: unsafe}") == 2 and not no_run
+    assert _line(capsys) == ("preflight: env.name: 'calculator': the environment cannot be made: "
+                             "environment: timeout_s must be > 0, got 0")
+
+
+def test_grpo_environment_kwargs_it_does_not_take(tmp_path, no_run, capsys):
+    assert grpo(tmp_path, "env.name=calculator", "env.kwargs={turns: 3}") == 2 and not no_run
+    assert _line(capsys).startswith("config error: env.kwargs: ['turns'] do not fit environment 'calculator'")
+
+
 def test_one_line_exit_2_and_fast_in_a_subprocess(tmp_path):
     """The whole command, as a user runs it: Python start, imports and the check in under 10 s."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
