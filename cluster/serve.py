@@ -2,16 +2,18 @@
 
     posttrain serve runs/sft-0001/merged                      # merged folder, hf engine, 127.0.0.1:8000
     posttrain serve base/ adapter=runs/sft-0001/adapter       # base + PEFT LoRA adapter
-    posttrain serve jobs/configs/tiny-serve.yaml engine=vllm  # vLLM on GPU (ray.serve.llm)
+    posttrain serve runs/sft-0001/merged engine=vllm-async    # vLLM on GPU (the packaged GPU engine)
     serve deploy serve.yaml   # from `posttrain serve ... --emit-config serve.yaml`
 
-Endpoints (hf engine): GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
+Endpoints (hf and vllm-async engines): GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
 POST /v1/chat/completions (SSE with "stream": true). Errors are OpenAI-style JSON (a body over
 max_request_bytes: 413; a field we do not implement: 400); nothing a client sends can take a
 replica down or hold up the others (cluster/serve_http.py: the routes;
 serve_openai.py: the wire format; serve_engines.py: the engines). Engines: hf (transformers,
-CPU or 1 GPU), vllm-async (vLLM's AsyncLLMEngine behind the same app), and vllm: Ray's own
-`ray.serve.llm.build_openai_app` (cluster/serve_vllm.py).
+CPU or 1 GPU), vllm-async (vLLM's AsyncLLMEngine behind the same app: the packaged GPU engine,
+as in cluster/manifests/rayservice.yaml), and vllm: Ray's own `ray.serve.llm.build_openai_app`
+(cluster/serve_vllm.py), for a Ray whose ray.serve.llm imports with the installed vLLM (Ray
+2.60's does not with the gpu extra's vLLM 0.26; `posttrain serve` refuses it in one line then).
 
 `app_builder` is the import path for Serve config files (`cluster.serve:app_builder`); its
 `args` are the fields of `ServeConfig`.
@@ -62,8 +64,9 @@ class ServeConfig:
     path: merged model folder, or the base model folder when `adapter` is set (vllm: also
         an HF id or s3:// URI). adapter: a PEFT LoRA folder (hf: merged at load; vllm: merged
         once into `<adapter>-merged`). tokenizer: default the adapter's, else the model's.
-    engine: hf (transformers, CPU or 1 GPU) | vllm (GPU, ray.serve.llm) | vllm-async (GPU, this
-        app over vLLM's AsyncLLMEngine). model_name: the id clients send as "model" (default:
+    engine: hf (transformers, CPU or 1 GPU) | vllm-async (GPU, this app over vLLM's
+        AsyncLLMEngine: the packaged GPU engine) | vllm (GPU, Ray's ray.serve.llm: where it
+        imports with the installed vLLM). model_name: the id clients send as "model" (default:
         from the folder name).
     api_key / api_key_env: require `Authorization: Bearer <key>` (the env var is read on the
         replica, so the key need not be written into a config file).

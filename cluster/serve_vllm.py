@@ -1,7 +1,12 @@
 """The vllm engine: Ray's own `ray.serve.llm` (LLMServer on vLLM + OpenAiIngress).
 
 Imported only when `engine: vllm` is asked for: `ray.serve.llm` refuses to import without
-vLLM (GPU machines only). What this module adds on top of `build_openai_app`:
+vLLM (GPU machines only), and imports only with the vLLM its Ray release was built against:
+Ray 2.60's expects vLLM 0.29 (`vllm.entrypoints.serve.engine.protocol`), which the gpu extra's
+vLLM 0.26 lacks, so the packaged GPU engine is `vllm-async` (cluster/serve_engines.py).
+`posttrain serve` imports this module in its preflight (jobs/preflight.check_serve): where it
+does not import, the command says so in one line before Ray starts.
+What this module adds on top of `build_openai_app`:
 - the ServeConfig -> LLMConfig translation (autoscaling, max_model_len, dtype, TP, memory);
 - a LoRA adapter folder is merged once into `<adapter>-merged` (vLLM then loads one plain
   model; Ray's dynamic LoRA loading wants adapters in s3:// or gs://, not a local folder);

@@ -214,6 +214,9 @@ def serve(target: str, *, overrides: Iterable[str] = (), **kwargs) -> dict:
         cfg = resolve(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    from jobs.preflight import preflight_serve
+
+    _preflight(preflight_serve, cfg)  # as jobs.serve.main: e.g. engine=vllm where it cannot import
     url = deploy(cfg)
     return {"url": url, "app_name": cfg.app_name, "model": cfg.served_name(), "config": cfg}
 

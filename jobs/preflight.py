@@ -21,6 +21,7 @@ A failure is one line on stderr, `preflight: <field>: <value>: <what was expecte
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import warnings
@@ -412,6 +413,45 @@ def check_eval(cfg, target: str, out: str = "", base: str | None = None) -> None
             _fail("TARGET", target, msg)
 
 
+def check_serve(cfg) -> None:
+    """`posttrain serve` (cluster.serve.ServeConfig): `engine: vllm` builds Ray's ray.serve.llm app
+    where the command runs (cluster/serve_vllm.py), so that module must import here, with the
+    installed vLLM. Imported only for engine == "vllm" (vLLM takes seconds to import); hf and
+    vllm-async import nothing here (vllm-async imports vLLM on its replicas)."""
+    if cfg.engine != "vllm":
+        return
+    try:
+        with _quiet():  # ray.serve.llm, its ingress and its request models, as build_app imports them
+            importlib.import_module("cluster.serve_vllm")
+    except Exception as e:  # noqa: BLE001 - ImportError, or whatever vLLM raises while importing
+        why = _first_line(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {_first_line(e)}"
+        ray_version = _dist_version("ray") or "?"
+        try:  # imported already, or failing fast, after the attempt above
+            import vllm
+
+            version = str(getattr(vllm, "__version__", "") or "")
+        except Exception:  # noqa: BLE001
+            version = ""
+        version = version or _dist_version("vllm")
+        if not version:
+            _fail("engine", cfg.engine, f"Ray {ray_version}'s ray.serve.llm needs vLLM, which is not installed "
+                                        f"here ({why}); on a GPU machine install the gpu extra "
+                                        f"(pip install 'ray-posttrain[gpu]') and use engine=vllm-async, "
+                                        f"on CPU engine=hf")
+        _fail("engine", cfg.engine, f"Ray {ray_version}'s ray.serve.llm does not import with the installed "
+                                    f"vLLM {version} ({why}); use engine=vllm-async (this project's app over "
+                                    f"vLLM's AsyncLLMEngine), or a Ray whose ray.serve.llm matches this vLLM")
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return ""
+
+
 # ---------------------------------------------------------------------------------------- tracking
 
 def check_tracking(report_to, field: str = "report_to") -> None:
@@ -444,3 +484,7 @@ def preflight_grpo(cfg) -> int:
 
 def preflight_eval(cfg, target: str, out: str = "", base: str | None = None) -> int:
     return run(check_eval, cfg, target, out, base)
+
+
+def preflight_serve(cfg) -> int:
+    return run(check_serve, cfg)

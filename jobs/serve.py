@@ -3,7 +3,7 @@
     posttrain serve runs/sft-0001/merged                          # prints the URL, Ctrl-C stops
     posttrain serve jobs/configs/tiny-serve.yaml port=8001 api_key_env=MY_KEY
     posttrain serve BASE_DIR adapter=runs/sft-0001/adapter autoscaling.max_replicas=4
-    posttrain serve runs/sft-0001/merged engine=vllm host=0.0.0.0 --emit-config serve.yaml
+    posttrain serve runs/sft-0001/merged engine=vllm-async host=0.0.0.0 --emit-config serve.yaml  # GPU
     python -m jobs.serve ...                                      # same thing
 
 The first argument is a YAML config (fields of cluster.serve.ServeConfig) or a model folder
@@ -11,7 +11,9 @@ The first argument is a YAML config (fields of cluster.serve.ServeConfig) or a m
 local one started here. `--no-block` returns once the app is healthy (the app keeps running
 only while the Ray cluster does: a local Ray started by this process ends with it).
 `--emit-config OUT.yaml` writes a Serve config file for `serve deploy` / a RayService and
-deploys nothing.
+deploys nothing. On GPU the packaged engine is `engine=vllm-async` (this project's app over
+vLLM's AsyncLLMEngine); `engine=vllm` (Ray's ray.serve.llm) needs a Ray whose ray.serve.llm
+imports with the installed vLLM, and is refused in one line before Ray starts where it does not.
 """
 import os
 import sys
@@ -21,6 +23,7 @@ import yaml
 
 from cluster.serve import ServeConfig, deploy, resolve, serve_config_file
 from jobs.config import ConfigError, load, parse_job_args
+from jobs.preflight import preflight_serve
 
 
 def parse_args(argv):
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(cfg)
     except ValueError as e:
         print(f"posttrain serve: {e}", file=sys.stderr)
+        return 2
+    if preflight_serve(cfg):  # one line on stderr, before Ray starts (engine=vllm: ray.serve.llm imports)
         return 2
 
     import ray

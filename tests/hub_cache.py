@@ -9,8 +9,11 @@ import json
 import os
 from collections.abc import Callable
 
-SMOLLM2_GGUF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "shared", "models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# ../shared beside the checkout; POSTTRAIN_SMOLLM2_GGUF names another copy (the GPU machine gets
+# the file in parts, joined where the command puts it)
+SMOLLM2_GGUF = os.environ.get("POSTTRAIN_SMOLLM2_GGUF") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "shared", "models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # a dataset repo without a loading script: README.md declares two subsets, each with two splits

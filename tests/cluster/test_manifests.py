@@ -162,7 +162,7 @@ def test_rayservice():
     (app,) = serve_cfg["applications"]
     assert app["import_path"] == IMPORT_PATH
     cfg = ServeConfig.from_dict(app["args"])
-    assert cfg.engine == "vllm" and cfg.api_key_env
+    assert cfg.engine == "vllm-async" and cfg.api_key_env   # the GPU engine that imports with the gpu extra
     check_cluster_spec(doc["spec"]["rayClusterSpec"], "rayservice.yaml")
     # the API key's env var is present on every pod that may host the ingress
     spec = doc["spec"]["rayClusterSpec"]

@@ -1,13 +1,17 @@
 """The vLLM engines on the GPU machine: `vllm` (Ray's `ray.serve.llm`) and `vllm-async` (this
 project's HTTP app over vLLM's AsyncLLMEngine). Each deploys a merged llama-3.2-1b-shaped
-model, checks the contract, and measures 32 concurrent streaming clients.
+model, checks the contract, and measures 32 concurrent streaming clients. Then the packaged GPU
+engine as a user runs it (test_smollm2_serve_cli_openai): `posttrain serve` in a subprocess,
+engine vllm-async, the real SmolLM2-135M-Instruct, the official openai client.
 
 Random weights and a locally trained 1k-token tokenizer (nothing can be downloaded), so the
 model's vocabulary is the tokenizer's, not Llama's 128k: every other dimension is the public
 Llama-3.2-1B shape. Results are printed and, when $OUT is set, written to
-$OUT/serve_<engine>_bench.json.
+$OUT/serve_<engine>_bench.json and $OUT/serve_smollm2_openai.json. The `vllm` engine is skipped
+where Ray's ray.serve.llm does not import with the installed vLLM (Ray 2.60 with vLLM 0.26).
 """
 import concurrent.futures as cf
+import importlib
 import json
 import os
 import socket
@@ -15,6 +19,9 @@ import statistics
 import time
 
 import pytest
+
+# tests/cluster has no __init__.py, so pytest puts it on sys.path: the CPU variant's helpers
+from serve_cli import check_chat, check_logprobs, check_models, check_stream, client_for, load_round, serve_cli
 
 pytestmark = pytest.mark.gpu
 
@@ -55,6 +62,11 @@ def vllm_server(request, ray_local, merged_1b):
     from cluster.serve import AutoscalingConfig, ServeConfig, deploy, resolve
 
     engine = request.param
+    if engine == "vllm":
+        try:
+            importlib.import_module("cluster.serve_vllm")
+        except ImportError as e:
+            pytest.skip(f"engine vllm: Ray's ray.serve.llm does not import with this vLLM ({e})")
     cfg = resolve(ServeConfig(
         path=merged_1b, engine=engine, model_name="llama-1b-shape", host="127.0.0.1", port=free_port(),
         api_key=KEY, max_model_len=2048, dtype="bfloat16", gpu_memory_utilization=0.85,
@@ -140,3 +152,58 @@ def test_vllm_32_streaming_clients(vllm_server):
         with open(os.path.join(os.environ["OUT"], f"serve_{engine}_bench.json"), "w") as f:
             json.dump(report, f, indent=2)
     assert tokens == CLIENTS * REQUESTS_PER_CLIENT * MAX_TOKENS
+
+
+# ---------------------------------------------------------------------------------------------
+# The packaged GPU engine as a user runs it: `posttrain serve` (a subprocess, its own local Ray),
+# engine vllm-async, the real SmolLM2-135M-Instruct, the official openai client. The helpers are
+# those of the CPU variant (tests/cluster/test_serve_cli.py, hf engine, runs in CI; helpers in tests/serve_cli.py).
+SMOLLM2_CLIENTS, SMOLLM2_REQUESTS, SMOLLM2_MAX_TOKENS = 32, 10, 64
+
+
+def gpu_name() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip().splitlines()
+        if out:
+            return out[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def test_smollm2_serve_cli_openai(smollm2_folder):
+    """Acceptance: `posttrain serve <SmolLM2 folder> engine=vllm-async` answers the openai client
+    (chat, stream, logprobs); 32 concurrent clients x 10 requests (alternating plain and streamed
+    chat, max_tokens 64), 0 errors. The figures: printed, and $OUT/serve_smollm2_openai.json."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("openai")
+    model = "smollm2-135m-instruct"
+    with serve_cli(smollm2_folder, "engine=vllm-async", f"model_name={model}", "dtype=bfloat16",
+                   "max_model_len=2048", "gpu_memory_utilization=0.85", "max_ongoing_requests=128",
+                   "autoscaling.target_ongoing_requests=64", f"env_vars={json.dumps(VLLM_ENV)}",
+                   key=KEY, env=VLLM_ENV, startup_timeout=480, stop_timeout=90) as server:
+        client = client_for(server, timeout=120)
+        check_models(client, model)
+        r = check_chat(client, model, max_tokens=32)
+        text = check_stream(client, model, max_tokens=32)
+        check_logprobs(client, model, top=2, max_tokens=16)
+        print(f"\n[smollm2] chat: {r.choices[0].message.content!r}\n[smollm2] stream: {text!r}")
+        load_round(server, model, clients=4, requests=2, max_tokens=SMOLLM2_MAX_TOKENS)   # warm-up
+        figures = load_round(server, model, clients=SMOLLM2_CLIENTS, requests=SMOLLM2_REQUESTS,
+                             max_tokens=SMOLLM2_MAX_TOKENS)
+        report = {"date": time.strftime("%Y-%m-%d"), "device": gpu_name(),
+                  "engine": "vllm-async (posttrain serve: posttrain app + vLLM AsyncLLMEngine)",
+                  "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> HF folder, served bf16)",
+                  "command": "python -m jobs.cli serve <folder> engine=vllm-async dtype=bfloat16 max_model_len=2048",
+                  "startup_s": round(server.startup_s, 1), **figures}
+        print("[smollm2-serve] " + json.dumps(report))
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "serve_smollm2_openai.json"), "w") as f:
+                json.dump(report, f, indent=2)
+        assert figures["errors"] == 0, figures["error_examples"]
+        assert figures["answered"] == SMOLLM2_CLIENTS * SMOLLM2_REQUESTS

@@ -219,3 +219,38 @@ def test_local_model_folder_with_tokenizer_and_data_passes(tmp_path, model_dir, 
     assert grpo(tmp_path, f"model.path={model_dir}", f"data.path={data / 'p.jsonl'}",
                 "reward.functions=[math_answer, format]") == 0
     assert len(no_run) == 2
+
+
+def test_serve_vllm_engine_that_cannot_import(model_dir, monkeypatch, capsys):
+    """`posttrain serve PATH engine=vllm` where Ray's ray.serve.llm does not import with the installed
+    vLLM (Ray 2.60 with vLLM 0.26): one line naming the field and the fix, exit 2, before Ray starts.
+    Where vLLM itself is missing (CPU, CI), the line says so. hf and vllm-async import nothing here."""
+    import types
+
+    import jobs.serve
+
+    deployed = []
+
+    def deploy(cfg):  # reaching it is the failure (and the command would then block)
+        deployed.append(cfg)
+        raise AssertionError("deploy reached: the preflight let engine=vllm through")
+
+    monkeypatch.setattr(jobs.serve, "deploy", deploy)
+    monkeypatch.delitem(sys.modules, "cluster.serve_vllm", raising=False)
+    monkeypatch.setitem(sys.modules, "ray.serve.llm", None)  # `import ray.serve.llm` raises ImportError
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.26.0"))
+    ray_version = preflight._dist_version("ray")
+    assert jobs.serve.main([model_dir, "engine=vllm"]) == 2 and not deployed
+    assert _line(capsys) == (
+        f"preflight: engine: 'vllm': Ray {ray_version}'s ray.serve.llm does not import with the installed vLLM "
+        f"0.26.0 (import of ray.serve.llm halted; None in sys.modules); use engine=vllm-async (this project's "
+        f"app over vLLM's AsyncLLMEngine), or a Ray whose ray.serve.llm matches this vLLM")
+    monkeypatch.setitem(sys.modules, "vllm", None)                # no vLLM at all
+    monkeypatch.setattr(preflight, "_dist_version", lambda name: "" if name == "vllm" else ray_version)
+    assert jobs.serve.main([model_dir, "engine=vllm", "--no-block"]) == 2 and not deployed
+    line = _line(capsys)
+    assert line.startswith(f"preflight: engine: 'vllm': Ray {ray_version}'s ray.serve.llm needs vLLM, which is "
+                           f"not installed here (") and line.endswith("use engine=vllm-async, on CPU engine=hf"), line
+    for engine in ("hf", "vllm-async"):  # checked without importing anything of vLLM
+        preflight.check_serve(jobs.serve.load_config(model_dir, [f"engine={engine}"]))
+    assert "cluster.serve_vllm" not in sys.modules
