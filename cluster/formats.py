@@ -5,7 +5,9 @@ which the pipeline turns into "file:row: field: what" in its log and stats.
 
     alpaca             {"instruction", "input"?, "output", "system"?}
     sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
-    messages           {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+    messages           {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}
+                       ("tool": a tool's output after an assistant turn that called it, as in
+                       actors/tool_traces.py; trained on like user turns: not at all)
     gsm8k              {"question", "answer"}  -> user = question, assistant = answer
     prompt_completion  {"prompt", "completion"}: strings, or lists of messages (conversational)
     text               {"text"}  (continued pre-training: raw text, no template)
@@ -18,9 +20,9 @@ FORMATS = ("alpaca", "sharegpt", "messages", "gsm8k", "prompt_completion", "text
 # columns whose value in one record may be a list (of messages): a .json file holding a single object with
 # one of these keys is one record, not a wrapper of a list of records (cluster/readers_formats.py, records_of)
 LIST_COLUMNS = ("messages", "conversations", "prompt", "completion")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+                  "system": "system", "tool": "tool", "observation": "tool"}
 
 
 class RowError(ValueError):

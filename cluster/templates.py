@@ -49,6 +49,7 @@ ALPACA = (
     "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' }}"
     "{% generation %}{{ message['content'] }}{{ eos_token if eos_token is defined else '' }}{% endgeneration %}"
     "{{ '\n\n' }}"
+    "{% elif message['role'] == 'tool' %}{{ '### Tool output:\n' + message['content'] + '\n\n' }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"

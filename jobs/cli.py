@@ -14,6 +14,7 @@ COMMANDS = {
     "bench-scale": ("jobs.bench_scale", "SFT throughput across strategies and worker counts (DDP, ZeRO-2/3)"),
     "export": ("jobs.export", "export a run: adapter, merged16, merged4, gguf"),
     "eval": ("jobs.eval", "exact-match evaluation (greedy or self-consistency)"),
+    "tool-traces": ("jobs.tool_traces", "tool-use SFT conversations for the calculator environment"),
     "demo": ("jobs.demo", "the built-in demo: SFT then GRPO on the arithmetic task"),
 }
 

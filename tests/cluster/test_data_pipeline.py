@@ -111,7 +111,7 @@ def test_bad_rows_are_skipped_counted_and_named(ray_local, tmp_path, tok, tiny_t
         f"{path}:3: json: invalid JSON (Expecting value at column 16)",
         f"{path}:5: messages: missing",
         f"{path}:7: messages[0].content: expected a string, got int",
-        f"{path}:9: messages[1].role: unknown role 'robot' (accepted: assistant, system, user)",
+        f"{path}:9: messages[1].role: unknown role 'robot' (accepted: assistant, system, tool, user)",
         f"{path}:11: messages[1].content: empty assistant turn",
     ]
     logged = "\n".join(r.getMessage() for r in caplog.records)
