@@ -15,35 +15,26 @@ marks (the built-in task's `10 - 5 = 5`) get them where a line holds `arithmetic
     calculator_conversation(question, answer, system_prompt, max_calls=3) -> messages | None
 
 The system prompt and the observation text are the environment's own (CalculatorEnv), so SFT
-and RL see the same conversation layout. Values are computed here, in-process, only for plain
-arithmetic that `check_arithmetic` accepts and without `**` (no untrusted exponentiation); a mark
-that fails either stays as text. None when a solution has no usable mark or no `#### answer`.
+and RL see the same conversation layout. Values come from the tool's own in-process path
+(env_tools.evaluate_arithmetic: plain arithmetic without `**`); a mark it does not compute stays
+as text. None when a solution has no usable mark or no `#### answer`.
 """
 from __future__ import annotations
 
-import math
 import re
 
-from actors.env_tools import check_arithmetic, format_tool_call
+from actors.env_tools import evaluate_arithmetic, format_tool_call
 
 _MARK = re.compile(r"<<([^<>=]+)=([^<>]*)>>")
 # "10 - 5 = 5" or "48 / 2 = 24.0": an arithmetic left side (digits, operators, parentheses)
 _PLAIN = re.compile(r"(?<![\w.])(\d[\d.\s+\-*/()]*[+\-*/][\d.\s+\-*/()]*\d\)?)\s*=\s*(-?\d[\d,]*(?:\.\d+)?)")
-_NAMES = {"sqrt": math.sqrt, "floor": math.floor, "ceil": math.ceil, "log": math.log, "exp": math.exp,
-          "pi": math.pi, "e": math.e, "abs": abs, "round": round, "min": min, "max": max, "int": int,
-          "float": float}
 
 
 def tool_output(expr: str) -> str | None:
     """What the calculator tool prints for `expr` (Python's print of the value, newline included),
-    or None when it is not plain arithmetic without `**` or does not evaluate."""
-    if "**" in expr or check_arithmetic(expr) is not None:
-        return None
-    try:
-        value = eval(compile(expr.strip(), "<expr>", "eval"), {"__builtins__": {}}, dict(_NAMES))  # noqa: S307
-    except (ArithmeticError, ValueError, TypeError, OverflowError):
-        return None
-    return f"{value}\n"
+    or None when it holds `**` (not computed here), is not arithmetic or does not evaluate."""
+    run = evaluate_arithmetic(expr)
+    return run.output if run is not None and run.error is None else None
 
 
 def annotate(solution: str) -> str:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from actors.env_tools import calculate
+from actors.env_tools import calculate, evaluate_arithmetic, run_python
 from actors.environments import CalculatorEnv
 from actors.multiturn import ChatTurns, EpisodeConfig, run_episodes
 from actors.tool_traces import annotate, calculator_conversation, tool_output
@@ -52,9 +52,18 @@ def test_plain_solutions_are_annotated_and_rows_without_a_calculation_are_left_o
     assert calculator_conversation("q", "10 - 5 = <<10-5=5>>5", "S") is None   # no #### answer line
 
 
-@pytest.mark.parametrize("expr", ["48/2", "48+24", "3*5-2", "7/3", "(2+3)*4", "max(2, 9) - abs(-1)"])
-def test_tool_output_is_what_the_calculator_prints(expr):
-    assert tool_output(expr) == calculate(expr, sandbox=SANDBOX).output
+@pytest.mark.parametrize("expr", ["48/2", "48+24", "3*5-2", "7/3", "(2+3)*4", "max(2, 9) - abs(-1)", "1/0",
+                                  "log(0)", "exp(1000)", "round(2.5)", "7 // 2", "1e308*10", "9" * 150 + "*" + "9" * 150])
+def test_in_process_arithmetic_prints_what_the_sandboxed_python_prints(expr):
+    """calculate() computes `**`-free arithmetic in-process: output and errors as the sandbox's run."""
+    sandboxed = run_python(f"from math import sqrt, floor, ceil, log, exp, pi, e\nprint(({expr}))",
+                           max_output_chars=200, sandbox=SANDBOX)
+    assert evaluate_arithmetic(expr) == sandboxed == calculate(expr, sandbox=SANDBOX)
+    assert tool_output(expr) == (sandboxed.output if sandboxed.error is None else None)
+
+
+def test_exponentiation_goes_to_the_sandbox():
+    assert evaluate_arithmetic("2**10") is None and calculate("2**10", sandbox=SANDBOX).output == "1024\n"
 
 
 def test_no_power_and_no_code_evaluated_in_process():
