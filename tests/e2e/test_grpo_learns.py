@@ -146,8 +146,13 @@ def test_grpo_multi_turn_episodes_and_bounded_async(tmp_path, tiny_tokenizer_dir
     from jobs.config import load
     from jobs.grpo import GRPOJobConfig, run_grpo
 
-    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Ray workers import scripted_envs
+    import ray
+
+    # Ray workers import scripted_envs: a Ray started now, with tests/ on PYTHONPATH (an earlier
+    # test's Ray, started without it, is stopped first)
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    ray.shutdown()
     out = tmp_path / "run"
     summary = run_grpo(load(GRPOJobConfig, CONFIG, [
         f"output_dir={out}", f"model.path={_random_model(tmp_path, tiny_tokenizer_dir)}", "model.finetune=lora",
