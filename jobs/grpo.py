@@ -137,10 +137,11 @@ def tokenizer_dir(cfg: GRPOJobConfig) -> str:
     return d
 
 
-def read_prompts(cfg: PromptDataConfig) -> list[dict]:
-    """Prompt rows {"prompt": chat messages, "text": str, "columns": {...}}, read in the driver by
-    the one set of file readers (cluster.readers: every format SFT reads; a bad row fails naming
-    file:row)."""
+def read_prompts(cfg: PromptDataConfig, episodes: bool = False) -> list[dict]:
+    """Prompt rows {"prompt": chat messages, "text": str, "columns": {...}, "row": the row as read},
+    read in the driver by the one set of file readers (cluster.readers: every format SFT reads; a
+    bad row fails naming file:row). episodes (env.name set): the environment's reset() builds the
+    prompt from the row, so a row needs no question/prompt column here (e.g. `problem`, `messages`)."""
     if cfg.path == "builtin":
         from cluster.builtin_task import generate
 
@@ -161,9 +162,11 @@ def read_prompts(cfg: PromptDataConfig) -> list[dict]:
             else:
                 messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in p]
                 text = messages[-1]["content"]
+        elif episodes:
+            text, messages = "", []
         else:
             raise ValueError(f"data: a prompt row needs a 'question' or 'prompt' column, got {sorted(row)}")
-        if system and messages[0]["role"] != "system":
+        if system and messages and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}] + messages
         columns = {k: v for k, v in row.items() if k not in ("question", "prompt")}
         return {"prompt": json.dumps(messages), "text": text, "columns": json.dumps(columns, default=str)}
@@ -333,6 +336,8 @@ def step_fields(r: dict, sep: str = "  ") -> str:
     return (f"reward {r['reward/mean']:.3f}"
             + (f"{sep}acc {r['accuracy']:.3f}" if "accuracy" in r else "")
             + f"{sep}kept {r['groups/kept']}/{r['groups/total']}{sep}len {r['response_length/mean']:.1f}"
+            + (f"{sep}turns {r['env/turns_mean']:.2f}{sep}tool-err {r['env/tool_error_rate']:.2f}"
+               if "env/turns_mean" in r else "")
             + (f"{sep}kl {r['kl']:.4f}" if "kl" in r else "")
             + (f"{sep}clip {r['clip_frac']:.3f}" if "clip_frac" in r else "")
             + f"{sep}| rollout {r['time/rollout_s']:.1f}s reward {r['time/reward_s']:.1f}s "
@@ -418,7 +423,7 @@ def run_grpo(cfg: GRPOJobConfig) -> dict:
     summary = files.read_summary()
 
     # 3. prompts
-    rows = read_prompts(cfg.data)
+    rows = read_prompts(cfg.data, episodes=cfg.env.enabled)
     check_prompts_per_step(cfg, len(rows))
     print(f"[grpo] {len(rows)} prompts from {cfg.data.path}; model {start_model or cfg.model.preset}", flush=True)
 

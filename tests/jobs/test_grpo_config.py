@@ -84,3 +84,22 @@ def test_env_section():
         _load("env.name=calc")
     with pytest.raises((ConfigError, ValueError), match="env.max_total_tokens"):
         _load("env.name=calculator", "env.max_total_tokens=1")
+
+
+def test_prompt_rows_for_episodes_keep_the_row(tmp_path):
+    """With env.name set the environment builds the prompt from the row: any columns do."""
+    import json
+
+    from jobs.grpo import read_prompts, step_fields
+    from jobs.grpo_config import PromptDataConfig
+
+    f = tmp_path / "code.jsonl"
+    f.write_text(json.dumps({"problem": "Write add(a, b).", "tests": ["assert add(1, 2) == 3"]}) + "\n")
+    with pytest.raises(ValueError, match="needs a 'question' or 'prompt' column"):
+        read_prompts(PromptDataConfig(path=str(f)))
+    (row,) = read_prompts(PromptDataConfig(path=str(f)), episodes=True)
+    assert row["row"] == {"problem": "Write add(a, b).", "tests": ["assert add(1, 2) == 3"]}
+    r = {"reward/mean": 0.5, "groups/kept": 2, "groups/total": 3, "response_length/mean": 40.0,
+         "env/turns_mean": 1.5, "env/tool_error_rate": 0.25, "time/rollout_s": 1.0, "time/reward_s": 0.0,
+         "time/update_s": 1.0, "time/sync_s": 0.1}
+    assert "turns 1.50  tool-err 0.25" in step_fields(r)
