@@ -30,7 +30,7 @@ demo: setup
 	$(PY) -m jobs.demo
 
 test: setup
-	TRITON_INTERPRET=1 RAY_TRAIN_V2_ENABLED=1 $(PY) -m pytest -q -m "not gpu" --timeout=900 $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 RAY_TRAIN_V2_ENABLED=1 $(PY) -m pytest -q -m "not gpu" --timeout=900 --durations=25 $(PYTEST_ARGS) tests
 
 # On the GPU machine (see docs/benchmarks.md): the same tests at real sizes in bf16.
 test-gpu:
