@@ -215,29 +215,34 @@ def test_update_weights_and_adapter_sync_make_rollout_match_learner(tiny_tokeniz
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-def test_groups_sync_over_ray(ray_local, tiny_tokenizer_dir, transport):
-    """RolloutGroup + LearnerGroup + WeightSync on local Ray: object store, or a gloo broadcast group."""
+def test_groups_sync_over_ray(ray_local, tiny_tokenizer_dir):
+    """RolloutGroup + LearnerGroup + WeightSync on local Ray: an update pushed through the object
+    store, then another through a gloo broadcast group (the same actors: one start-up for both)."""
+    from dataclasses import replace
+
     from cluster.grpo_group import LearnerGroup, RolloutGroup, WeightSync
 
-    rcfg = RolloutConfig(n=2, max_tokens=8, num_workers=2, num_cpus=0.25, transport=transport)
+    rcfg = RolloutConfig(n=2, max_tokens=8, num_workers=2, num_cpus=0.25, transport="object_store")
     gcfg = GRPOConfig(lr=2e-2, micro_batch_size=8, num_cpus=0.25)
     rollouts = RolloutGroup(MODEL, rcfg, tiny_tokenizer_dir, vocab_size=VOCAB, seed=0, num_threads=1)
     learners = LearnerGroup(MODEL, gcfg, vocab_size=VOCAB, seed=0, num_threads=1)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"]
     try:
-        sync = WeightSync(learners, rollouts, rcfg, MODEL.lora)
-        groups = rollouts.generate(PROMPTS, seed=0)
-        assert len(groups) == 3
-        s = _flat(groups)
-        learners.update(make_batch(s, [1.0 if i % 2 else -1.0 for i in range(len(s))]))
-        info = sync.push(version=1)
-        assert info["sync_transport"] == transport and info["sync_s"] > 0
-        names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"]
-        sums = rollouts.weight_checksum(names)
-        assert sums[0] == sums[1]
-        fresh = _flat(rollouts.generate(PROMPTS, seed=1))
-        b = make_batch(fresh, [0.0] * len(fresh))
-        assert logprob_mismatch(learners.compute_logprobs(b), b["rollout_logprobs"])["max_abs"] < 1e-4
+        before = rollouts.weight_checksum(names)[0]
+        for version, transport in enumerate(("object_store", "broadcast"), start=1):
+            sync = WeightSync(learners, rollouts, replace(rcfg, transport=transport), MODEL.lora)
+            groups = rollouts.generate(PROMPTS, seed=version)
+            assert len(groups) == 3
+            s = _flat(groups)
+            learners.update(make_batch(s, [1.0 if i % 2 else -1.0 for i in range(len(s))]))
+            info = sync.push(version=version)
+            assert info["sync_transport"] == transport and info["sync_s"] > 0
+            sums = rollouts.weight_checksum(names)
+            assert sums[0] == sums[1] != before  # both workers got the new weights
+            before = sums[0]
+            fresh = _flat(rollouts.generate(PROMPTS, seed=10 + version))
+            b = make_batch(fresh, [0.0] * len(fresh))
+            assert logprob_mismatch(learners.compute_logprobs(b), b["rollout_logprobs"])["max_abs"] < 1e-4, transport
     finally:
         rollouts.shutdown()
         learners.shutdown()
