@@ -122,7 +122,7 @@ def _start(ray, min_cpus: int, num_cpus: int, tag: str, verbose: bool):
     from cluster import console
 
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":  # "local": a new local instance, as Ray reads it
         job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {})
         job_vars = (job_env or {}).get("env_vars", {}) or {}
         missing = {k: v for k, v in JOB_ENV.items() if k not in job_vars}

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    # RAY_ADDRESS=local means a new local instance, as in Ray: started here, stopped here
+    started_here = not ray.is_initialized() and os.environ.get("RAY_ADDRESS", "") in ("", "local")
     url = deploy(cfg)
     print(f"Serving {cfg.served_name()!r} ({cfg.engine}) at {url}", flush=True)
     print(f"  try: curl {url}/models" + (' -H "Authorization: Bearer $KEY"' if cfg.api_key or cfg.api_key_env else ""),
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.options.no_block:
         return 0
     print("Ctrl-C to stop.", flush=True)
+    from cluster.ray_session import stop_on_signals
+
+    # Ctrl-C and SIGTERM (e.g. a pod's stop) end the wait, also where SIGINT was inherited as
+    # ignored (a command started in the background of a script); installed after ray.init, which
+    # sets a SIGTERM handler of its own
+    stop_on_signals()
     try:
         while True:
             time.sleep(1.0)

@@ -74,7 +74,7 @@ def serve_command(target: str, overrides=(), port: int = 8000, key: str = KEY) -
 def serve_cli(target: str, *overrides: str, key: str = KEY, env: dict | None = None,
               startup_timeout: float = 180.0, stop_timeout: float = 60.0):
     """Run `python -m jobs.cli serve TARGET host=127.0.0.1 port=<free> api_key=KEY *overrides` from the
-    repo root, a fresh local Ray (RAY_ADDRESS unset); yield a CLIServer once it printed "Ctrl-C to stop."
+    repo root, a fresh local Ray (RAY_ADDRESS=local); yield a CLIServer once it printed "Ctrl-C to stop."
     and GET /health answers 200. On any failure inside, the server's output tail is printed; at the
     end the server is stopped as a user stops it (Ctrl-C), killed if it does not exit."""
     import httpx
@@ -84,7 +84,9 @@ def serve_cli(target: str, *overrides: str, key: str = KEY, env: dict | None = N
     penv = dict(os.environ)
     penv.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     penv["PYTHONPATH"] = ROOT + os.pathsep + penv.get("PYTHONPATH", "")
-    penv.pop("RAY_ADDRESS", None)
+    # a fresh local Ray: without an address ray.init() joins the newest local cluster, which in a
+    # test session is the session's own (its Serve holds other HTTP options)
+    penv["RAY_ADDRESS"] = "local"
     with open(os.path.join(log_dir, "stdout"), "w") as out, open(os.path.join(log_dir, "stderr"), "w") as err:
         proc = subprocess.Popen(serve_command(target, overrides, port, key), cwd=ROOT, env=penv, stdout=out,
                                 stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
