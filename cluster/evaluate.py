@@ -80,13 +80,7 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.data:
-            raise ValueError("eval.data: empty; expected 'builtin', data files, a URI or a dataset name")
-        if not isinstance(self.split, str):
-            raise ValueError(f"eval.split: expected a split name of the dataset (e.g. test) or '', got {self.split!r}")
-        if not isinstance(self.subset, str):
-            raise ValueError(f"eval.subset: expected a subset (config) name of the dataset or '', got {self.subset!r}")
-        _check_builtin(self.data, self.subset, self.split)
+        check_eval_source(self.data, self.split, self.subset)
         if self.format not in FORMATS:
             raise ValueError(f"eval.format: {self.format!r} is not accepted; expected one of {', '.join(FORMATS)}")
         if self.backend not in BACKENDS:
@@ -119,6 +113,18 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------- data
+
+def check_eval_source(data, split, subset) -> None:
+    """eval.data / eval.split / eval.subset as values (shared by EvalConfig and the GRPO job's eval
+    section): a non-empty data string, string split and subset, neither given with 'builtin'."""
+    if not isinstance(data, str) or not data.strip():
+        raise ValueError("eval.data: empty; expected 'builtin', data files, a URI or a dataset name")
+    if not isinstance(split, str):
+        raise ValueError(f"eval.split: expected a split name of the dataset (e.g. test) or '', got {split!r}")
+    if not isinstance(subset, str):
+        raise ValueError(f"eval.subset: expected a subset (config) name of the dataset or '', got {subset!r}")
+    _check_builtin(data, subset, split)
+
 
 def _check_builtin(data: str, subset: str, split: str) -> None:
     if data == "builtin" and (subset or split):

@@ -87,27 +87,25 @@ class RolloutGroup:
         c = self.cfg
         return c.backend == "vllm" and c.placement == "colocated" and c.sleep_level > 0
 
-    def generate_async(self, prompts: list, seed: int = 0, **sampling) -> list[tuple[object, int]]:
-        """Start generation; returns [(ObjectRef, number of prompts)] for `collect`."""
+    def _split(self, method: str, items: list, *args, **kwargs) -> list[tuple[object, int]]:
+        """Contiguous slices of `items`, one per worker, each sent to worker.<method>(slice, *args,
+        **kwargs); [(ObjectRef, slice length)] for `collect`."""
         k = len(self.workers)
-        size = -(-len(prompts) // k) if prompts else 0
+        size = -(-len(items) // k) if items else 0
         pending = []
         for i, w in enumerate(self.workers):
-            part = prompts[i * size:(i + 1) * size]
+            part = items[i * size:(i + 1) * size]
             if part:
-                pending.append((w.generate.remote(part, seed=seed, **sampling), len(part)))
+                pending.append((getattr(w, method).remote(part, *args, **kwargs), len(part)))
         return pending
+
+    def generate_async(self, prompts: list, seed: int = 0, **sampling) -> list[tuple[object, int]]:
+        """Start generation; returns [(ObjectRef, number of prompts)] for `collect`."""
+        return self._split("generate", prompts, seed=seed, **sampling)
 
     def episodes_async(self, rows: list[dict], env: dict, seed: int = 0, **options) -> list[tuple[object, int]]:
         """Start multi-turn episodes (RolloutWorker.episodes), rows split as in generate_async."""
-        k = len(self.workers)
-        size = -(-len(rows) // k) if rows else 0
-        pending = []
-        for i, w in enumerate(self.workers):
-            part = rows[i * size:(i + 1) * size]
-            if part:
-                pending.append((w.episodes.remote(part, env, seed=seed, **options), len(part)))
-        return pending
+        return self._split("episodes", rows, env, seed=seed, **options)
 
     @staticmethod
     def collect(pending: list[tuple[object, int]]) -> list[list[Sample]]:

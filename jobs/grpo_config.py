@@ -112,17 +112,10 @@ class HeldOutEvalConfig:
     backend: Literal["hf", "vllm"] = "hf"
 
     def __post_init__(self):
+        from cluster.evaluate import check_eval_source
+
         check_ranges(self, "eval")
-        if not isinstance(self.data, str) or not self.data.strip():
-            raise ValueError("eval.data: empty; expected 'builtin', data files, a URI or a dataset name")
-        if not isinstance(self.split, str):
-            raise ValueError(f"eval.split: expected a split name of the dataset (e.g. test) or '', got {self.split!r}")
-        if not isinstance(self.subset, str):
-            raise ValueError(f"eval.subset: expected a subset (config) name of the dataset or '', got {self.subset!r}")
-        if self.data == "builtin" and (self.subset or self.split):
-            key, value = ("eval.subset", self.subset) if self.subset else ("eval.split", self.split)
-            raise ValueError(f"{key}: {value!r} is for dataset names, dataset folders and saved datasets; "
-                             f"eval.data is 'builtin' (the built-in held-out split)")
+        check_eval_source(self.data, self.split, self.subset)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,14 @@ SMOLLM2_GGUF = os.environ.get("POSTTRAIN_SMOLLM2_GGUF") or os.path.join(
     "shared", "models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def go_offline(monkeypatch, hub_cache: str, datasets_cache: str) -> str:
+    """This test's Hugging Face hub cache and datasets cache, offline (nothing is fetched); the hub cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", hub_cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", datasets_cache)
+    return hub_cache
+
+
 # a dataset repo without a loading script: README.md declares two subsets, each with two splits
 DATASET_README = """---
 configs:

@@ -7,6 +7,7 @@ import pytest
 
 from cluster.evaluate import (EvalConfig, bootstrap_interval, evaluate, load_rows, majority_vote,
                               messages_for, question_and_gold, wilson_interval)
+from hub_cache import go_offline
 
 
 class FixedSampler:
@@ -258,10 +259,7 @@ def _questions(rows: list[dict]) -> list[str]:
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     """An empty Hugging Face hub cache and datasets cache of this test, offline."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    return str(tmp_path / "hub")
+    return go_offline(monkeypatch, str(tmp_path / "hub"), str(tmp_path / "datasets-cache"))
 
 
 def test_eval_split_picks_a_split_of_a_parquet_folder(tmp_path, offline):

@@ -11,7 +11,7 @@ import pytest
 
 from cluster import readers
 from cluster.data import DataConfig
-from hub_cache import cache_repo, write_dataset_repo
+from hub_cache import cache_repo, go_offline, write_dataset_repo
 
 def _jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -26,10 +26,7 @@ def _rows(tag, n=2):
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    return str(tmp_path / "hub")
+    return go_offline(monkeypatch, str(tmp_path / "hub"), str(tmp_path / "datasets-cache"))
 
 
 @pytest.fixture

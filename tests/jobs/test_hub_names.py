@@ -12,7 +12,7 @@ import torch
 
 import jobs.grpo
 import jobs.sft
-from hub_cache import SMOLLM2_GGUF, cache_repo, write_dataset_repo
+from hub_cache import SMOLLM2_GGUF, cache_repo, go_offline, write_dataset_repo
 from jobs import preflight
 from sft_cli import stderr_line as _line
 
@@ -35,10 +35,7 @@ def hub_dir(tmp_path_factory, tiny_merged_dir):
 
 @pytest.fixture
 def offline(hub_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", hub_dir)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return hub_dir
+    return go_offline(monkeypatch, hub_dir, str(tmp_path / "datasets-cache"))
 
 
 def sft(tmp_path, *overrides) -> int:
